@@ -1,0 +1,46 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CONSTRAINTS ?= infra/constraints-cpu.txt
+RUN_ROOT ?= runs/demo
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(STAMP)
+
+# torch first, pinned (this machine has these wheels on disk); then the project with the CPU constraints;
+# then drop the `dataclasses` backport img2dataset pulls in (it shadows the stdlib, see ENVIRONMENT.md).
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet -c $(CONSTRAINTS) torch torchvision
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	$(PIP) uninstall --yes --quiet dataclasses || true
+	$(PY) -c "import dataclasses, sys; assert 'site-packages' not in dataclasses.__file__, dataclasses.__file__"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/blip2 demo --run-root $(RUN_ROOT)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@set -e; for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script; done
+
+clean:
+	rm -rf runs/demo .pytest_cache

@@ -1,0 +1,235 @@
+"""The training loader: webdataset shards from several sources, mixed by declared ratios.
+
+How the data is split so that no two readers see the same sample:
+- Each reader (a data-loader worker of a Ray worker) has a global id g in [0, G), with
+  G = world_size * max(1, num_workers) and g = rank * max(1, num_workers) + worker_id.
+- Per source and epoch the shards are shuffled with a seed shared by all readers; reader g takes
+  shards g, g+G, g+2G, ... of that order. With fewer shards than readers it reads every shard and
+  keeps samples g, g+G, ... instead (slower, still duplicate-free).
+- Each source stream passes a shuffle buffer; at each draw a source is picked with probability
+  proportional to its weight, from a generator seeded by (seed, g).
+
+Position: every batch carries its reader's position (per source: epoch and the number of samples read
+from the stream in that epoch; draws made). `TrainLoader.state_dict()` keeps the latest position per
+reader; a loader built with that state skips what each reader had read and continues with unseen data.
+Samples that sat in a shuffle buffer at checkpoint time are dropped for that epoch, never repeated.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import zlib
+from collections import Counter
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipelines.config import ConfigError, StepConfig
+from pipelines.data.shards import (SkipCounter, decode_sample, expand_shards, iter_raw_samples,
+                                   kept_captions)
+from pipelines.data.transforms import EvalTransform, TrainTransform, clean_caption
+
+log = logging.getLogger(__name__)
+
+
+class SourceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    shards: str | list[str] = Field(description="directory of .tar shards, glob, brace pattern or list")
+    weight: float = Field(1.0, gt=0, description="sampling ratio relative to the other sources")
+
+
+class LoaderConfig(StepConfig):
+    sources: list[SourceConfig] = Field(min_length=1)
+    image_size: int = Field(224, gt=0)
+    batch_size: int = Field(32, gt=0)
+    shuffle_buffer: int = Field(1000, ge=0)
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
+    max_words: int = Field(50, gt=0)
+    train_transform: bool = True
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        return sources
+
+
+def _seed(*parts: Any) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def _uniform(*parts: Any) -> float:
+    """A uniform number in [0, 1) that is a pure function of `parts` (counter-based, resumable)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+class SourceStream:
+    """One source's endless, reader-split, shuffled sample stream with a resumable position."""
+
+    def __init__(self, name: str, shards: list[str], seed: int, g: int, G: int,
+                 epoch: int = 0, offset: int = 0, shuffle_buffer: int = 0):
+        self.name, self.shards, self.seed, self.g, self.G = name, shards, seed, g, G
+        self.epoch, self.offset = epoch, offset  # samples of `epoch` read by this reader
+        self.shuffle_buffer = shuffle_buffer
+        self.skipped = SkipCounter()
+        self.rng = random.Random(_seed(seed, name, g, epoch, offset))
+
+    def _epoch_samples(self) -> Iterator[dict]:
+        order = np.random.default_rng(_seed(self.seed, self.name, self.epoch)).permutation(len(self.shards))
+        split_by_shard = len(self.shards) >= self.G
+        mine = order[self.g::self.G] if split_by_shard else order
+        index = 0  # this epoch's sample index among the shards read (for split by sample)
+        for shard_index in mine:
+            for raw in iter_raw_samples(self.shards[shard_index], self.skipped):
+                index += 1
+                if split_by_shard or (index - 1) % self.G == self.g:
+                    yield raw
+
+    def _read(self) -> Iterator[dict]:
+        while True:
+            read_this_epoch = 0
+            for raw in self._epoch_samples():
+                read_this_epoch += 1
+                if read_this_epoch <= self.offset:
+                    continue  # seen before the resume
+                self.offset = read_this_epoch
+                yield raw
+            if read_this_epoch == 0:
+                raise RuntimeError(f"source {self.name!r}: reader {self.g}/{self.G} found no readable "
+                                   f"samples in {len(self.shards)} shard(s); skipped: {dict(self.skipped.counts)}")
+            self.epoch, self.offset = self.epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        buffer: list[dict] = []
+        for raw in self._read():
+            if self.shuffle_buffer <= 1:
+                yield raw
+                continue
+            buffer.append(raw)
+            if len(buffer) >= self.shuffle_buffer:
+                pick = self.rng.randrange(len(buffer))
+                buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+                yield buffer.pop()
+
+
+class MixedStream(IterableDataset):
+    """Batches of decoded, transformed samples mixed from all sources (runs inside each worker)."""
+
+    def __init__(self, cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
+                 state: dict[str, Any] | None = None):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.readers_per_rank = max(1, cfg.num_workers)
+        self.G = world_size * self.readers_per_rank
+        self.shards = {s.name: expand_shards(s.shards, f"source {s.name!r}") for s in cfg.sources}
+        weights = np.array([s.weight for s in cfg.sources], dtype=np.float64)
+        self.cumulative = np.cumsum(weights / weights.sum())
+        self.cumulative[-1] = 1.0
+        self.state = _usable_state(state, self.G)
+
+    def _reader_id(self) -> int:
+        info = get_worker_info()
+        return self.rank * self.readers_per_rank + (info.id if info is not None else 0)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        g = self._reader_id()
+        start = self.state.get(g, {})
+        sources = [
+            SourceStream(s.name, self.shards[s.name], self.cfg.seed, g, self.G,
+                         **start.get("sources", {}).get(s.name, {}), shuffle_buffer=self.cfg.shuffle_buffer)
+            for s in self.cfg.sources
+        ]
+        iterators = [iter(s) for s in sources]
+        draws = start.get("draws", 0)
+        drawn = Counter(start.get("drawn", {}))
+        sample_rng = random.Random(_seed(self.cfg.seed, "sample", g, draws))
+        transform = (TrainTransform(self.cfg.image_size) if self.cfg.train_transform
+                     else EvalTransform(self.cfg.image_size))
+        batch: list[dict] = []
+        while True:
+            which = int(np.searchsorted(self.cumulative, _uniform(self.cfg.seed, "mix", g, draws), side="right"))
+            draws += 1
+            raw = next(iterators[which])
+            sample = decode_sample(raw, sources[which].skipped)
+            if sample is None:
+                continue
+            drawn[sources[which].name] += 1
+            batch.append(_prepare(sample, sources[which].name, transform, sample_rng, self.cfg.max_words))
+            if len(batch) == self.cfg.batch_size:
+                position = {"draws": draws, "drawn": dict(drawn),
+                            "sources": {s.name: {"epoch": s.epoch, "offset": s.offset} for s in sources}}
+                skipped = {s.name: dict(s.skipped.counts) for s in sources}
+                yield _collate(batch, g, position, skipped)
+                batch = []
+
+
+def _prepare(sample: dict, source: str, transform, rng: random.Random, max_words: int) -> dict:
+    kept = kept_captions(sample["meta"])
+    caption = rng.choice(kept) if kept else sample["text"]  # CapFilt: one of the kept two per draw
+    image, caption = transform(sample["image"], clean_caption(caption, max_words), rng)
+    image_id = sample["meta"].get("url") or sample["meta"].get("key") or f"{sample['url']}#{sample['key']}"
+    return {"image": image, "text": caption, "source": source, "key": sample["key"], "image_id": str(image_id)}
+
+
+def _collate(batch: list[dict], g: int, position: dict, skipped: dict) -> dict[str, Any]:
+    return {
+        "image": torch.stack([b["image"] for b in batch]),  # (B, 3, H, W)
+        "text": [b["text"] for b in batch],
+        "source": [b["source"] for b in batch],
+        "key": [b["key"] for b in batch],
+        "image_id": [b["image_id"] for b in batch],
+        "reader": g,
+        "position": position,
+        "skipped": skipped,
+    }
+
+
+def _usable_state(state: dict[str, Any] | None, G: int) -> dict[int, dict]:
+    if not state:
+        return {}
+    if state.get("readers") != G:
+        raise ConfigError(f"loader state: saved with {state.get('readers')} readers (world size x workers), "
+                          f"this run has {G}; resume with the same world size and num_workers")
+    return {int(g): pos for g, pos in state["positions"].items()}
+
+
+class TrainLoader:
+    """Iterable of batches that remembers, per reader, the position of the last batch handed out."""
+
+    def __init__(self, cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
+                 state: dict[str, Any] | None = None):
+        self.dataset = MixedStream(cfg, rank, world_size, state)
+        self.positions: dict[int, dict] = dict(self.dataset.state)
+        self.skipped: dict[int, dict] = {}
+        self.loader = DataLoader(self.dataset, batch_size=None, num_workers=cfg.num_workers,
+                                 persistent_workers=cfg.num_workers > 0,
+                                 prefetch_factor=2 if cfg.num_workers > 0 else None)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            self.positions[batch["reader"]] = batch["position"]
+            self.skipped[batch["reader"]] = batch["skipped"]
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"readers": self.dataset.G, "positions": {str(g): p for g, p in self.positions.items()}}
+
+    def report(self) -> dict[str, Any]:
+        """Samples drawn per source and samples skipped per source and reason, over this rank's readers."""
+        drawn: Counter = Counter()
+        for pos in self.positions.values():
+            drawn.update(pos.get("drawn", {}))
+        skipped: dict[str, Counter] = {}
+        for per_source in self.skipped.values():
+            for name, counts in per_source.items():
+                skipped.setdefault(name, Counter()).update(counts)
+        return {"drawn": dict(drawn), "skipped": {k: dict(v) for k, v in skipped.items()},
+                "skipped_total": sum(sum(c.values()) for c in skipped.values())}
