@@ -7,36 +7,16 @@ from __future__ import annotations
 
 import math
 import random
-import re
 
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from pipelines.data.text import clean_caption, swap_left_right  # noqa: F401 (re-exported)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-_PUNCTUATION = re.compile(r"[.!\"()*#:;~]")
-_SPACES = re.compile(r"\s+")
-_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
-
-
-def clean_caption(text: str, max_words: int = 50) -> str:
-    """Lowercase, punctuation `.!"()*#:;~` -> space, collapse whitespace, keep the first `max_words`."""
-    text = _PUNCTUATION.sub(" ", text.lower())
-    words = _SPACES.sub(" ", text).strip().split(" ")
-    return " ".join(words[:max_words])
-
-
-def swap_left_right(text: str) -> str:
-    """Swap the words left and right (whole words only), e.g. for a horizontally flipped image."""
-    def swap(match: re.Match) -> str:
-        word = match.group(0)
-        other = "right" if word.lower() == "left" else "left"
-        return other.capitalize() if word[0].isupper() else other
-    return _LEFT_RIGHT.sub(swap, text)
-
 
 def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
     tensor = TF.to_tensor(image)  # (3, H, W) in [0, 1]
