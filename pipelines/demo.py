@@ -79,11 +79,14 @@ def summarize_downloads(per_split: dict[str, Any]) -> dict[str, Any]:
     succeeded = sum(r["succeeded"] for r in per_split.values())
     reasons: dict[str, int] = {}
     for r in per_split.values():
-        for reason, count in r["failure_reasons"].items():
+        for reason, count in r["reasons"].items():
             reasons[reason] = reasons.get(reason, 0) + count
     return {"attempted": attempted, "succeeded": succeeded,
             "success_rate": round(succeeded / attempted, 4) if attempted else 0.0,
-            "failure_reasons": reasons, "splits": per_split}
+            "failure_reasons": reasons,
+            "splits": {split: {k: r[k] for k in ("attempted", "succeeded", "success_rate", "reasons", "shards",
+                                                  "wall_seconds", "images_per_second", "reused")}
+                       for split, r in per_split.items()}}
 
 
 def run(cfg: DemoConfig, run_root: str) -> dict[str, Any]:
