@@ -36,7 +36,7 @@ class DemoConfig(StepConfig):
     noise_rate: float = Field(0.4, ge=0, le=1)
     synth_image_size: int = 128
     image_size: int = Field(96, gt=0, description="size img2dataset resizes to (the models' input size)")
-    port: int = Field(8765, description="the image server's port; a free one is used if it is taken")
+    port: int = Field(8765, ge=0, description="the image server's port on 127.0.0.1 (0: any free port)")
     faults: FaultConfig = FaultConfig(not_found=0.03, corrupt=0.02, slow=0.004, rate_limited=0.03,
                                       slow_seconds=6.0, seed=0)
     download_timeout: int = 3
@@ -44,14 +44,16 @@ class DemoConfig(StepConfig):
     loader_batch_size: int = 16
 
 
-def free_port(preferred: int) -> int:
+def server_port(preferred: int) -> int:
+    """The preferred port if it is free (URLs in the lists name it, so a rerun must keep it); 0 = any."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
         try:
             sock.bind(("127.0.0.1", preferred))
-            return preferred
         except OSError:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
+            raise SystemExit(f"port {preferred} on 127.0.0.1 is in use: stop what uses it, or pass port=N "
+                             "(the URL lists name the port, so a run root keeps the port it started with)")
+        return sock.getsockname()[1]
 
 
 def make_shapes_world(cfg: DemoConfig, data_dir: Path, base_url: str) -> dict[str, Any]:
@@ -93,7 +95,7 @@ def run(cfg: DemoConfig, run_root: str) -> dict[str, Any]:
     root = Path(run_root)
     data_dir, raw_dir = root / "data", root / "raw"
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port(cfg.port)
+    port = server_port(cfg.port)
     with ImageServer(str(data_dir), port=port, faults=cfg.faults) as server:
         make_shapes_world(cfg, data_dir, server.url)
         log.info("serving %s at %s with faults %s", data_dir, server.url, cfg.faults.model_dump())

@@ -1,0 +1,51 @@
+"""`blip2 demo` end to end at a small size: shapes world -> faulty server -> img2dataset -> loader check."""
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SMALL = ["curated_images=40", "web_images=40", "test_images=10", "loader_batches=2", "loader_batch_size=8",
+         "faults.slow=0", "faults.not_found=0.1", "faults.corrupt=0.05"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_demo(run_root, port):
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pipelines.demo", "--run-root", str(run_root), *SMALL,
+                           f"port={port}"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, time.perf_counter() - start
+
+
+def test_demo_writes_the_summary_and_resumes(tmp_path):
+    port = free_port()
+    out, _ = run_demo(tmp_path, port)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    download = summary["download"]
+    assert download["attempted"] == 90
+    assert 0.6 < download["success_rate"] < 1.0  # faults were injected and counted
+    assert download["succeeded"] + sum(download["failure_reasons"].values()) == download["attempted"]
+    assert {"http_404", "decode_error"} <= set(download["failure_reasons"])
+    for split in ("curated", "web", "test"):
+        assert (tmp_path / "raw" / split / "_SUCCESS.json").exists()
+        assert list((tmp_path / "raw" / split).glob("*.tar"))
+    check = summary["loader_check"]
+    assert check["batch_shape"] == [8, 3, 96, 96] and sum(check["drawn"].values()) == 16
+    assert (tmp_path / "loader_check.png").stat().st_size > 1000
+    assert "== download:" in out and "caption:" in out
+
+    out_again, _ = run_demo(tmp_path, port)  # every download step is already done: recorded results come back
+    again = json.loads((tmp_path / "summary.json").read_text())["download"]
+    assert all(s["reused"] for s in again["splits"].values())
+    assert again["succeeded"] == download["succeeded"]
