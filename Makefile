@@ -1,5 +1,6 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Both create .venv when it is missing.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,6 +9,8 @@ CONSTRAINTS ?= infra/constraints-cpu.txt
 RUN_ROOT ?= runs/demo
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
+# this machine's pip config lists local indexes that warn once per package they do not hold
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -24,8 +27,8 @@ venv: $(STAMP)
 # then drop the `dataclasses` backport img2dataset pulls in (it shadows the stdlib, see ENVIRONMENT.md).
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -c $(CONSTRAINTS) torch torchvision
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[cpu,dev]'
+	$(PIP) install --quiet -c $(CONSTRAINTS) torch torchvision 2>&1 | $(QUIET_PIP)
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[cpu,dev]' 2>&1 | $(QUIET_PIP)
 	$(PIP) uninstall --yes --quiet dataclasses || true
 	$(PY) -c "import dataclasses, sys; assert 'site-packages' not in dataclasses.__file__, dataclasses.__file__"
 	touch $(STAMP)

@@ -61,16 +61,17 @@ def make_shapes_world(cfg: DemoConfig, data_dir: Path, base_url: str) -> dict[st
     results = {}
     for split in SPLITS:
         split_cfg = synth.SynthConfig(split=split, images=counts[split], seed=cfg.seed, noise_rate=cfg.noise_rate,
-                                      base_url=base_url, image_size=cfg.synth_image_size)
-        results[split] = synth.run(split_cfg, str(data_dir))
+                                      base_url=f"{base_url}/{split}", image_size=cfg.synth_image_size)
+        results[split] = synth.run(split_cfg, str(data_dir / split))
     return results
 
 
 def download_splits(cfg: DemoConfig, data_dir: Path, raw_dir: Path) -> dict[str, Any]:
     per_split = {}
     for split in SPLITS:
-        dl_cfg = download.DownloadConfig(url_list=str(data_dir / f"{split}.parquet"), image_size=cfg.image_size,
-                                         timeout=cfg.download_timeout, number_sample_per_shard=250)
+        dl_cfg = download.DownloadConfig(url_list=str(data_dir / split / f"{split}.parquet"),
+                                         image_size=cfg.image_size, timeout=cfg.download_timeout,
+                                         number_sample_per_shard=250)
         result = download.run(dl_cfg, str(raw_dir / split))
         per_split[split] = result.model_dump(mode="json")
     return per_split
@@ -97,7 +98,10 @@ def run(cfg: DemoConfig, run_root: str) -> dict[str, Any]:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = server_port(cfg.port)
     with ImageServer(str(data_dir), port=port, faults=cfg.faults) as server:
-        make_shapes_world(cfg, data_dir, server.url)
+        world = make_shapes_world(cfg, data_dir, server.url)
+        runroot.update_summary(str(root), "synth", {
+            split: {"images": r.images, "captions": r.captions, "noise": r.noise_counts, "reused": r.reused}
+            for split, r in world.items()})
         log.info("serving %s at %s with faults %s", data_dir, server.url, cfg.faults.model_dump())
         downloads = summarize_downloads(download_splits(cfg, data_dir, raw_dir))
     runroot.update_summary(str(root), "download", downloads)

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
 
+from pipelines import runroot
 from pipelines.config import StepConfig
 from pipelines.shapes.captions import caption_for, noisy_caption
 from pipelines.shapes.questions import questions_for
@@ -89,6 +90,7 @@ class SynthResult(BaseModel):
     captions: int
     questions: int
     seconds: float
+    reused: bool = False  # True when an identical earlier run's recorded result was returned
 
 
 def noise_kind(seed: int, split: str, index: int, noise_rate: float) -> str:
@@ -174,8 +176,11 @@ def _write_parquet(rows: list[dict[str, str]], path: Path) -> None:
 
 def run(cfg: SynthConfig, output_uri: str | Path, progress: bool = True) -> SynthResult:
     """Write `cfg.images` images of `cfg.split` plus its url list and manifest under `output_uri`."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     out = local_dir(output_uri)
+    record = runroot.completed(str(out), cfg.config_hash(), {})
+    if record is not None:  # same config already written here (the output is a pure function of it)
+        return SynthResult.model_validate({**record["result"], "reused": True})
     images_dir = out / "images" / cfg.split
     images_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
@@ -194,10 +199,13 @@ def run(cfg: SynthConfig, output_uri: str | Path, progress: bool = True) -> Synt
     manifest_path = out / f"{cfg.split}_synth.json"
     manifest = {"config": cfg.model_dump(mode="json"), "config_hash": cfg.config_hash(), "counts": counts}
     _write_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
-    return SynthResult(split=cfg.split, images=len(rows), output_dir=str(out), parquet_path=str(parquet_path),
-                       images_dir=str(images_dir), manifest_path=str(manifest_path), noise_counts=noise_counts,
-                       captions=counts["captions"], questions=counts["questions"],
-                       seconds=round(time.perf_counter() - started, 3))
+    result = SynthResult(split=cfg.split, images=len(rows), output_dir=str(out), parquet_path=str(parquet_path),
+                         images_dir=str(images_dir), manifest_path=str(manifest_path), noise_counts=noise_counts,
+                         captions=counts["captions"], questions=counts["questions"],
+                         seconds=round(time.perf_counter() - started, 3))
+    runroot.write_success(str(out), step="synth", config_hash=cfg.config_hash(), input_hashes={},
+                          result=result.model_dump(mode="json"), started=started_at)
+    return result
 
 
 def _parser() -> argparse.ArgumentParser:

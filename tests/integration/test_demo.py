@@ -37,7 +37,9 @@ def test_demo_writes_the_summary_and_resumes(tmp_path):
     assert 0.6 < download["success_rate"] < 1.0  # faults were injected and counted
     assert download["succeeded"] + sum(download["failure_reasons"].values()) == download["attempted"]
     assert {"http_404", "decode_error"} <= set(download["failure_reasons"])
+    assert summary["synth"]["web"]["noise"]["clean"] == 24  # 40 web images, noise rate 0.4
     for split in ("curated", "web", "test"):
+        assert (tmp_path / "data" / split / "_SUCCESS.json").exists()
         assert (tmp_path / "raw" / split / "_SUCCESS.json").exists()
         assert list((tmp_path / "raw" / split).glob("*.tar"))
     check = summary["loader_check"]
@@ -48,4 +50,5 @@ def test_demo_writes_the_summary_and_resumes(tmp_path):
     out_again, _ = run_demo(tmp_path, port)  # every download step is already done: recorded results come back
     again = json.loads((tmp_path / "summary.json").read_text())["download"]
     assert all(s["reused"] for s in again["splits"].values())
+    assert all(s["reused"] for s in json.loads((tmp_path / "summary.json").read_text())["synth"].values())
     assert again["succeeded"] == download["succeeded"]

@@ -387,3 +387,12 @@ def test_checker_survives_arbitrary_text_and_keeps_flip_invariance():
         verdicts[verdict.correct] += 1
         assert check_caption(swap_left_right(caption), scene.flipped()) == verdict, caption
     assert verdicts[False] > 0
+
+
+def test_synth_records_success_and_returns_it_for_the_same_config(tmp_path):
+    cfg = SynthConfig(split="curated", images=4, seed=3)
+    first = run(cfg, tmp_path, progress=False)
+    assert not first.reused and (tmp_path / "_SUCCESS.json").exists()
+    again = run(cfg, tmp_path, progress=False)
+    assert again.reused and again.images == first.images and again.noise_counts == first.noise_counts
+    assert not run(SynthConfig(split="curated", images=5, seed=3), tmp_path, progress=False).reused
