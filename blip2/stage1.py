@@ -146,12 +146,18 @@ class Blip2Stage1(nn.Module):
                               pad(ids_all[neg_texts], self.pad_token_id)])
         text_mask = torch.cat([pad(attention_mask, 0), pad(attention_mask[neg_image_rows], 0),
                                pad(mask_all[neg_texts], 0)])
-        kv_neg = self.negative_image_kv(image_embeds, image_kv, neg_images)
-        kv = [None if pos is None else tuple(torch.cat([pos[j], neg[j], pos[j][neg_text_rows]]) for j in (0, 1))
-              for pos, neg in zip(image_kv, kv_neg)]  # images of the pairs: [own; negative; own]
+        kv = self.pair_image_kv(image_embeds, image_kv, neg_images, neg_text_rows)
         logits = self.itm_pass(kv, text_ids, text_mask)
         labels = torch.cat([torch.ones(input_ids.shape[0]), torch.zeros(len(neg_images) + len(neg_texts))])
         return logits, labels.long().to(logits.device)
+
+    def pair_image_kv(self, image_embeds: torch.Tensor, image_kv: list[KV | None], neg_images: torch.Tensor,
+                      own_rows: torch.Tensor) -> list[KV | None]:
+        """Keys/values of the ITM pairs' images, [own; drawn negatives; own[own_rows]], built from the
+        query pass's cache instead of recomputing them for 3B images."""
+        kv_neg = self.negative_image_kv(image_embeds, image_kv, neg_images)
+        return [None if pos is None else tuple(torch.cat([pos[j], neg[j], pos[j][own_rows]]) for j in (0, 1))
+                for pos, neg in zip(image_kv, kv_neg)]
 
     def negative_image_kv(self, image_embeds: torch.Tensor, image_kv: list[KV | None],
                           neg_images: torch.Tensor) -> list[KV | None]:
@@ -162,6 +168,39 @@ class Blip2Stage1(nn.Module):
             return [None if kv is None else (kv[0][neg_images], kv[1][neg_images]) for kv in image_kv]
         return self.qformer.image_kv(dist.gather_with_grad(image_embeds)[neg_images])
 
+
+    # ------------------------------------------------------------------------ inference API
+    @torch.no_grad()
+    def image_embeddings(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> normalised query features (B, Q, E) for ITC, and ln_vision image tokens (B, T, C) for ITM."""
+        image_embeds = self.encode_image(image)
+        query_out, _ = self.query_pass(self.qformer.image_kv(image_embeds), image.shape[0])
+        return F.normalize(self.vision_proj(query_out), dim=-1), image_embeds
+
+    @torch.no_grad()
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """-> normalised [CLS] text features (B, E)."""
+        return F.normalize(self.text_proj(self.text_pass(input_ids, attention_mask)[:, 0]), dim=-1)
+
+    @staticmethod
+    def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+        """Max-over-queries cosine, NOT divided by temp (SPEC section 7).  (Ni, Q, E) x (Nt, E) -> (Ni, Nt)"""
+        return torch.einsum("iqe,te->itq", image_feats, text_feats).amax(-1)
+
+    @torch.no_grad()
+    def itm_scores(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITM class-1 logit (mean over queries) of each (image_embeds[i], text i) pair.  -> (P,)"""
+        return self.itm_pass(self.qformer.image_kv(image_embeds), input_ids, attention_mask)[:, 1]
+
+    @torch.no_grad()
+    def generate_captions(self, image: torch.Tensor, sep_token_id: int, max_length: int = 30,
+                          min_length: int = 3, top_p: float | None = None, num_beams: int = 1,
+                          generator: torch.Generator | None = None) -> list[list[int]]:
+        """Captions from the Q-Former decoder ([DEC] first, stops at [SEP]): greedy, nucleus or beam."""
+        from blip2.generate import qformer_generate
+
+        return qformer_generate(self, image, sep_token_id, max_length, min_length, top_p, num_beams, generator)
 
 def positive_mask(batch: int, global_batch: int, image_ids: torch.Tensor | None) -> torch.Tensor:
     """(B, N) True where text n belongs to local image b: the diagonal at this rank's offset, or the
