@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from blip2.qformer import KV, itg_mask
+from blip2.qformer import KV
 
 
 def next_token_logits(model, query_kv: list[KV], ids: torch.Tensor) -> torch.Tensor:
     """Logits of the token after `ids` (B, L) given each row's query keys/values.  -> (B, V)"""
-    mask = itg_mask(model.query_tokens.shape[1], torch.ones_like(ids))
-    hidden, _ = model.qformer(model.qformer.embed(None, ids), 0, mask, prefix_kv=query_kv)
-    return model.itg_head(hidden[:, -1:], model.qformer.embeddings.word_embeddings.weight)[:, 0].float()
+    hidden = model.itg_hidden(query_kv, ids, torch.ones_like(ids))[:, -1]  # (B, D)
+    return model.itg_head(hidden, model.qformer.embeddings.word_embeddings.weight).float()
 
 
 def _forbid(logits: torch.Tensor, model, sep_id: int, length: int, min_length: int) -> torch.Tensor:

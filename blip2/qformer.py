@@ -86,18 +86,21 @@ class QFormer(nn.Module):
     # ---------------------------------------------------------------------------------- forward
     def forward(self, hidden: torch.Tensor, query_length: int, self_mask: torch.Tensor | None = None,
                 image_kv: list[KV | None] | None = None, prefix_kv: list[KV] | None = None,
-                return_kv: bool = False) -> tuple[torch.Tensor, list[KV] | None]:
+                return_kv: bool = False, last_rows: int | None = None) -> tuple[torch.Tensor, list[KV] | None]:
         """Run every layer over `hidden` (B, S, D), the first `query_length` rows being queries.
 
         self_mask: boolean, True = may attend, broadcastable to (B, 1, S, P+S) with P the prefix length.
         image_kv: from `image_kv`, required when there are query rows. prefix_kv: per-layer keys/values
-        prepended to this pass's own (cached query rows). Returns the output (B, S, D) and, with
+        prepended to this pass's own (cached query rows). last_rows: only the first `last_rows` rows of
+        the output are wanted (the ITM pass reads the queries, the text pass [CLS]), so the last layer
+        computes nothing else for the other rows. Returns the output (B, S or last_rows, D) and, with
         `return_kv`, this pass's own per-layer self-attention keys/values.
         """
         own_kv: list[KV] = []
         for i, layer in enumerate(self.layers):
             prefix = prefix_kv[i] if prefix_kv is not None else None
-            attended, kv = self._self_attention(layer.attention, hidden, self_mask, prefix)
+            rows = last_rows if i == len(self.layers) - 1 else None
+            attended, kv = self._self_attention(layer.attention, hidden, self_mask, prefix, rows)
             own_kv.append(kv)
             if query_length > 0:
                 queries = attended[:, :query_length]  # (B, Q, D)
@@ -124,12 +127,17 @@ class QFormer(nn.Module):
         dropout = self.cfg.dropout if self.training else 0.0
         return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout))
 
-    def _self_attention(self, block, hidden: torch.Tensor, mask: torch.Tensor | None,
-                        prefix: KV | None) -> tuple[torch.Tensor, KV]:
+    def _self_attention(self, block, hidden: torch.Tensor, mask: torch.Tensor | None, prefix: KV | None,
+                        rows: int | None = None) -> tuple[torch.Tensor, KV]:
+        """Self-attention sub-layer; with `rows`, only the first `rows` rows attend (all still serve as keys)."""
         attention = block.attention
-        q = self._split(attention.query(hidden))
         k, v = self._split(attention.key(hidden)), self._split(attention.value(hidden))
         keys, values = (k, v) if prefix is None else (torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2))
+        if rows is not None:
+            hidden = hidden[:, :rows]
+            if mask is not None and mask.shape[-2] > 1:
+                mask = mask[..., :rows, :]
+        q = self._split(attention.query(hidden))
         return block.output(self._attend(q, keys, values, mask), hidden), (k, v)
 
     def _cross_attention(self, block, queries: torch.Tensor, kv: KV) -> torch.Tensor:

@@ -77,9 +77,9 @@ class Blip2Stage1(nn.Module):
         return self.qformer(queries, self.query_tokens.shape[1], image_kv=image_kv, return_kv=True)
 
     def text_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text only, padding mask, no cross-attention. -> (B, L, D)"""
-        hidden, _ = self.qformer(self.qformer.embed(None, input_ids), 0, padding_mask(attention_mask))
-        return hidden
+        """Text only, padding mask, no cross-attention. -> the [CLS] output (B, D)"""
+        hidden, _ = self.qformer(self.qformer.embed(None, input_ids), 0, padding_mask(attention_mask), last_rows=1)
+        return hidden[:, 0]
 
     def itm_pass(self, image_kv: list[KV | None], input_ids: torch.Tensor,
                  attention_mask: torch.Tensor) -> torch.Tensor:
@@ -88,16 +88,26 @@ class Blip2Stage1(nn.Module):
         hidden = self.qformer.embed(self.query_tokens.expand(pairs, -1, -1), input_ids)
         query_mask = torch.ones(pairs, num_queries, dtype=attention_mask.dtype, device=attention_mask.device)
         mask = padding_mask(torch.cat([query_mask, attention_mask], dim=1))
-        out, _ = self.qformer(hidden, num_queries, mask, image_kv=image_kv)
-        return self.itm_head(out[:, :num_queries]).mean(dim=1)
+        out, _ = self.qformer(hidden, num_queries, mask, image_kv=image_kv, last_rows=num_queries)  # (P, Q, D)
+        return self.itm_head(out).mean(dim=1)
 
-    def itg_logits(self, query_kv: list[KV], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text rows attend to the cached query keys/values and to earlier text. -> (B, L, V)"""
+    def itg_hidden(self, query_kv: list[KV], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text rows, [CLS] replaced by [DEC], attend to the cached query keys/values and to earlier text.
+        -> (B, L, D), row i predicting token i + 1"""
         dec_ids = input_ids.clone()
-        dec_ids[:, 0] = self.dec_token_id  # [CLS] -> [DEC]
+        dec_ids[:, 0] = self.dec_token_id
         mask = itg_mask(self.query_tokens.shape[1], attention_mask)
         hidden, _ = self.qformer(self.qformer.embed(None, dec_ids), 0, mask, prefix_kv=query_kv)
-        return self.itg_head(hidden, self.qformer.embeddings.word_embeddings.weight)
+        return hidden
+
+    def itg_loss(self, query_kv: list[KV], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token CE with label smoothing over the non-pad targets; the vocabulary head runs only on
+        the rows that predict one (not on the last row, nor on padding)."""
+        hidden = self.itg_hidden(query_kv, input_ids, attention_mask)[:, :-1]  # (B, L-1, D)
+        targets = input_ids[:, 1:]
+        predicting = attention_mask[:, 1:].bool()
+        logits = self.itg_head(hidden[predicting], self.qformer.embeddings.word_embeddings.weight)  # (n, V)
+        return F.cross_entropy(logits, targets[predicting], label_smoothing=LABEL_SMOOTHING)
 
     # ----------------------------------------------------------------------------- the losses
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -109,17 +119,14 @@ class Blip2Stage1(nn.Module):
         image_kv = self.qformer.image_kv(image_embeds)
         query_out, query_kv = self.query_pass(image_kv, batch)  # (B, Q, D)
         image_feats = F.normalize(self.vision_proj(query_out), dim=-1)  # (B, Q, E)
-        text_feat = F.normalize(self.text_proj(self.text_pass(input_ids, attention_mask)[:, 0]), dim=-1)  # (B, E)
+        text_feat = F.normalize(self.text_proj(self.text_pass(input_ids, attention_mask)), dim=-1)  # (B, E)
 
         sim_i2t, sim_t2i, positives = self.itc_logits(image_feats, text_feat, image_ids)
         loss_itc = itc_loss(sim_i2t, sim_t2i, positives)
         itm_logits, itm_labels = self.itm_logits(image_embeds, image_kv, input_ids, attention_mask,
                                                  sim_i2t, sim_t2i, positives)
         loss_itm = F.cross_entropy(itm_logits, itm_labels)
-        logits = self.itg_logits(query_kv, input_ids, attention_mask)  # (B, L, V)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        loss_itg = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100, label_smoothing=LABEL_SMOOTHING)
+        loss_itg = self.itg_loss(query_kv, input_ids, attention_mask)
         return Stage1Output(loss=loss_itc + loss_itm + loss_itg, loss_itc=loss_itc, loss_itm=loss_itm,
                             loss_itg=loss_itg, sim_i2t=sim_i2t.detach(), itm_pairs=itm_logits.shape[0])
 
@@ -180,7 +187,7 @@ class Blip2Stage1(nn.Module):
     @torch.no_grad()
     def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """-> normalised [CLS] text features (B, E)."""
-        return F.normalize(self.text_proj(self.text_pass(input_ids, attention_mask)[:, 0]), dim=-1)
+        return F.normalize(self.text_proj(self.text_pass(input_ids, attention_mask)), dim=-1)
 
     @staticmethod
     def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:

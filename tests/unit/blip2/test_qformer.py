@@ -122,3 +122,19 @@ def test_query_ffn_starts_as_a_copy_of_the_text_ffn():
         assert torch.equal(layer.intermediate.dense.weight, layer.intermediate_query.dense.weight)
         assert torch.equal(layer.output.dense.weight, layer.output_query.dense.weight)
     assert [layer.has_cross_attention for layer in model.layers] == [True, False]
+
+
+@torch.no_grad()
+def test_last_rows_prunes_the_last_layer_without_changing_those_rows(qformer):
+    query, ids, mask, image = inputs()
+    full_mask = padding_mask(torch.cat([torch.ones(3, Q, dtype=torch.long), mask], dim=1))
+    kv = qformer.image_kv(image)
+    hidden = qformer.embed(query, ids)
+    full, _ = qformer(hidden, Q, full_mask, image_kv=kv)
+    pruned, _ = qformer(hidden, Q, full_mask, image_kv=kv, last_rows=Q)
+    assert pruned.shape == (3, Q, 32)
+    torch.testing.assert_close(pruned, full[:, :Q])
+    text = qformer.embed(None, ids)
+    full_text, _ = qformer(text, 0, padding_mask(mask))
+    cls, _ = qformer(text, 0, padding_mask(mask), last_rows=1)
+    torch.testing.assert_close(cls, full_text[:, :1])

@@ -27,9 +27,15 @@ def test_itc_targets_follow_image_ids():
     ids = torch.tensor([7, 7, 9])
     mask = positive_mask(3, 3, ids)
     assert mask.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
-    sim = torch.tensor([[5.0, 5.0, 0.0], [5.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
-    # both captions of image 7 are right answers: the loss is lower than with the diagonal only
-    assert itc_loss(sim, sim, mask) < itc_loss(sim, sim, torch.eye(3, dtype=torch.bool))
+    sim = torch.tensor([[4.0, 1.0, 0.0], [1.0, 4.0, 0.0], [0.0, 0.0, 5.0]])
+
+    def row_loss(logits, target):  # soft target spread over the image's captions, then smoothing 0.1
+        logz = math.log(sum(math.exp(v) for v in logits))
+        return -sum((0.9 * t + 0.1 / 3) * (v - logz) for t, v in zip(target, logits))
+
+    want = (row_loss([4, 1, 0], [0.5, 0.5, 0]) + row_loss([1, 4, 0], [0.5, 0.5, 0]) + row_loss([0, 0, 5], [0, 0, 1])) / 3
+    assert itc_loss(sim, sim, mask).item() == pytest.approx(want, abs=1e-6)
+    assert positive_mask(2, 4, None).tolist() == [[True, False, False, False], [False, True, False, False]]
 
 
 def test_negatives_are_never_positives_and_rows_without_candidates_draw_nothing():
@@ -110,7 +116,7 @@ def test_itg_starts_from_dec_whatever_the_first_token():
     _, query_kv = model.query_pass(model.qformer.image_kv(embeds), 2)
     other = ids.clone()
     other[:, 0] = 4
-    torch.testing.assert_close(model.itg_logits(query_kv, ids, mask), model.itg_logits(query_kv, other, mask))
+    torch.testing.assert_close(model.itg_hidden(query_kv, ids, mask), model.itg_hidden(query_kv, other, mask))
 
 
 def test_tiny_stage1_overfits_a_fixed_batch():
@@ -153,3 +159,15 @@ def test_caption_generation_runs_and_respects_lengths(kwargs):
     assert len(captions) == 2
     for caption in captions:
         assert 3 <= len(caption) <= 7 and 3 not in caption and model.dec_token_id not in caption
+
+
+def test_itg_loss_equals_the_full_vocabulary_computation():
+    model = tiny_stage1().eval()
+    image, ids, mask = make_batch(3)
+    _, query_kv = model.query_pass(model.qformer.image_kv(model.encode_image(image)), 3)
+    hidden = model.itg_hidden(query_kv, ids, mask)
+    logits = model.itg_head(hidden, model.qformer.embeddings.word_embeddings.weight)  # every row
+    labels = ids.masked_fill(mask == 0, -100)
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100, label_smoothing=0.1)
+    torch.testing.assert_close(model.itg_loss(query_kv, ids, mask), want)
