@@ -7,6 +7,7 @@ One forward computes the three losses on a batch:
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -208,6 +209,16 @@ class Blip2Stage1(nn.Module):
         from blip2.generate import qformer_generate
 
         return qformer_generate(self, image, sep_token_id, max_length, min_length, top_p, num_beams, generator)
+
+def image_ids_tensor(ids: list[str] | list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Image ids of any kind (urls, keys, ints) as int64 for image-id-aware ITC (the reference crashes on
+    strings): equal ids map to equal numbers (a 63-bit blake2b digest; collisions are negligible)."""
+    def as_int(value) -> int:
+        if isinstance(value, int):
+            return value
+        return int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest(), "little") >> 1
+    return torch.tensor([as_int(v) for v in ids], dtype=torch.long, device=device)
+
 
 def positive_mask(batch: int, global_batch: int, image_ids: torch.Tensor | None) -> torch.Tensor:
     """(B, N) True where text n belongs to local image b: the diagonal at this rank's offset, or the

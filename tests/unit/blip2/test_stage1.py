@@ -171,3 +171,14 @@ def test_itg_loss_equals_the_full_vocabulary_computation():
     want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                              ignore_index=-100, label_smoothing=0.1)
     torch.testing.assert_close(model.itg_loss(query_kv, ids, mask), want)
+
+
+def test_string_image_ids_work_in_the_loss():
+    from blip2.stage1 import image_ids_tensor
+
+    ids = image_ids_tensor(["http://x/a.jpg", "http://x/b.jpg", "http://x/a.jpg", 7])
+    assert ids.dtype == torch.long and ids[0] == ids[2] and ids[0] != ids[1] and ids[3] == 7
+    model = tiny_stage1()
+    image, tokens, mask = make_batch(3)
+    out = model(image, tokens, mask, image_ids=image_ids_tensor(["a", "b", "a"]))
+    assert torch.isfinite(out.loss)
