@@ -26,14 +26,31 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice (all_reduce, then slice)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, world = rank_and_world()
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` of every rank along dim 0; gradients flow back to each rank's own slice."""
+    """Concatenate `x` of every rank along dim 0 (same shape on every rank); gradients flow back to each
+    rank's own slice, summed over the ranks that used it."""
     _, world = rank_and_world()
     if world == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn  # autograd-aware all_gather
-
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def gather_padded(ids: torch.Tensor, pad_value: int) -> torch.Tensor:
