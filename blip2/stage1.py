@@ -66,6 +66,10 @@ class Blip2Stage1(nn.Module):
         self.temp = nn.Parameter(torch.tensor(cfg.temp_init))
         self.dec_token_id = q.vocab_size - 1 if dec_token_id is None else dec_token_id
         self.pad_token_id = q.pad_token_id
+        if q.bert_weights:  # SPEC: text parts from BERT-base, cross-attention random
+            from blip2.bert_init import init_from_bert
+
+            self.bert_init_report = init_from_bert(self, q.bert_weights)
 
     # ----------------------------------------------------------------------------- the passes
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:

@@ -427,10 +427,14 @@ def read_hf_vision_config(path: str) -> Blip2VisionConfig:
                      f"got model_type={data.get('model_type')!r}")
 
 
-def _vision_key(key: str) -> str | None:
-    """A checkpoint key as a Blip2VisionModel key, or None when it is not part of the vision tower."""
+def _vision_key(key: str, full_model: bool) -> str | None:
+    """A checkpoint key as a Blip2VisionModel key, or None when it is not part of the vision tower.
+    In a full Blip2 checkpoint (`full_model`) only "vision_model.*" is: its bare "embeddings.*" are the
+    Q-Former's text embeddings (Blip2ForImageTextRetrieval)."""
     if key.startswith("vision_model."):
         return key[len("vision_model."):]
+    if full_model:
+        return None
     return key if key.split(".", 1)[0] in ("embeddings", "encoder", "post_layernorm") else None
 
 
@@ -440,14 +444,18 @@ def read_hf_vision_weights(path: str) -> dict[str, Tensor]:
     if index_path:
         with open(index_path, encoding="utf-8") as handle:
             weight_map = json.load(handle)["weight_map"]
-        files = sorted({file for key, file in weight_map.items() if _vision_key(key) is not None})
+        full_model: bool | None = any(key.startswith("vision_model.") for key in weight_map)
+        files = sorted({file for key, file in weight_map.items() if _vision_key(key, full_model) is not None})
     else:
-        files = ["model.safetensors"]
+        files, full_model = ["model.safetensors"], None
     state: dict[str, Tensor] = {}
     for name in files:
         with safe_open(_hf_file(path, name), framework="pt") as handle:
-            for key in handle.keys():
-                short = _vision_key(key)
+            keys = list(handle.keys())
+            if full_model is None:
+                full_model = any(key.startswith("vision_model.") for key in keys)
+            for key in keys:
+                short = _vision_key(key, full_model)
                 if short is not None:
                     state[short] = handle.get_tensor(key)
     if not state:
