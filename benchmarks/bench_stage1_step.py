@@ -5,10 +5,11 @@ encoder's output is fed directly: the step measures what is trained), batch 32, 
 BERT-size vocabulary (30523). Figure of merit: samples/s per 100 GFLOP/s of fp32 matmul ceiling,
 the ceiling measured in the same run (goal >= 8; the reference reaches about 5.3).
 
-Baseline ("reference-style"): the same model and losses, but with unfused attention (softmax(QK^T)V
-written out, as the reference's BERT attention) and the ITM pass recomputing every image's
-cross-attention keys/values for its 3B pairs. Candidate: this library's step (fused SDPA, image
-keys/values computed once and reused). Also reports each step's FLOPs (torch's FlopCounterMode) and
+Baseline ("reference-style"): the same model and losses, but computed as the reference does: unfused
+attention (softmax(QK^T)V written out, as its BERT attention), the ITM pass recomputing every image's
+cross-attention keys/values for its 3B pairs, the last layer computed for every row, and the ITG loss
+over the whole (B, L, V) logits tensor. Candidate: this library's step (SDPA, image keys/values computed
+once and reused, last layer pruned to the rows a pass reads, chunked linear + cross-entropy). Also reports each step's FLOPs (torch's FlopCounterMode) and
 the achieved fraction of the ceiling.
 
     .venv/bin/python benchmarks/bench_stage1_step.py [--size small|tiny] [--steps 6]
@@ -54,7 +55,20 @@ class ImageTokens(nn.Module):
 
 
 class UnfusedQFormer(QFormer):
-    """The reference's attention: scores, mask, softmax, dropout and the weighted sum, written out."""
+    """The reference's attention (scores, mask, softmax, dropout and the weighted sum, written out), and
+    every row computed in the last layer, read or not, and torch's own dropout."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for parent in self.modules():
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Dropout):
+                    setattr(parent, name, nn.Dropout(child.p))
+
+    def forward(self, hidden, query_length, self_mask=None, image_kv=None, prefix_kv=None, return_kv=False,
+                last_rows=None):
+        out, kv = super().forward(hidden, query_length, self_mask, image_kv, prefix_kv, return_kv)
+        return (out if last_rows is None else out[:, :last_rows]), kv
 
     def _attend(self, q, k, v, mask):
         scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5
@@ -70,6 +84,14 @@ class ReferenceStyleStage1(Blip2Stage1):
     def __init__(self, cfg, visual):
         super().__init__(cfg, visual=visual)
         self.qformer = UnfusedQFormer(cfg.qformer, cfg.vision.width)
+
+    def itg_loss(self, query_kv, input_ids, attention_mask):
+        """The whole (B, L, V) logits tensor, then cross-entropy with ignore_index, as the reference."""
+        logits = self.itg_head(self.itg_hidden(query_kv, input_ids, attention_mask),
+                               self.qformer.embeddings.word_embeddings.weight)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100, label_smoothing=0.1)
 
     def pair_image_kv(self, image_embeds, image_kv, neg_images, own_rows):
         all_embeds = gather_with_grad(image_embeds)

@@ -16,6 +16,7 @@ from torch import nn
 
 from blip2 import dist
 from blip2.config import Blip2Config
+from blip2.losses import linear_cross_entropy
 from blip2.qformer import KV, QFormer, itg_mask, padding_mask
 
 LABEL_SMOOTHING = 0.1
@@ -41,9 +42,16 @@ class ITGHead(nn.Module):
         self.layer_norm = nn.LayerNorm(hidden, eps=eps)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm(F.gelu(self.dense(hidden)))
+
     def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        hidden = self.layer_norm(F.gelu(self.dense(hidden)))
-        return F.linear(hidden, word_embeddings, self.bias)  # (B, L, V)
+        return F.linear(self.transform(hidden), word_embeddings, self.bias)  # (B, L, V)
+
+    def loss(self, hidden: torch.Tensor, word_embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Label-smoothed CE of the logits of `hidden` (n, D) against `targets` (n,), without materialising
+        all the (n, V) logits at once (see blip2.losses)."""
+        return linear_cross_entropy(self.transform(hidden), word_embeddings, self.bias, targets, LABEL_SMOOTHING)
 
 
 class Blip2Stage1(nn.Module):
@@ -111,8 +119,8 @@ class Blip2Stage1(nn.Module):
         hidden = self.itg_hidden(query_kv, input_ids, attention_mask)[:, :-1]  # (B, L-1, D)
         targets = input_ids[:, 1:]
         predicting = attention_mask[:, 1:].bool()
-        logits = self.itg_head(hidden[predicting], self.qformer.embeddings.word_embeddings.weight)  # (n, V)
-        return F.cross_entropy(logits, targets[predicting], label_smoothing=LABEL_SMOOTHING)
+        return self.itg_head.loss(hidden[predicting], self.qformer.embeddings.word_embeddings.weight,
+                                  targets[predicting])
 
     # ----------------------------------------------------------------------------- the losses
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -168,7 +176,8 @@ class Blip2Stage1(nn.Module):
         """Keys/values of the ITM pairs' images, [own; drawn negatives; own[own_rows]], built from the
         query pass's cache instead of recomputing them for 3B images."""
         kv_neg = self.negative_image_kv(image_embeds, image_kv, neg_images)
-        return [None if pos is None else tuple(torch.cat([pos[j], neg[j], pos[j][own_rows]]) for j in (0, 1))
+        return [None if pos is None else tuple(torch.cat([pos[j], neg[j], pos[j].index_select(0, own_rows)])
+                                               for j in (0, 1))
                 for pos, neg in zip(image_kv, kv_neg)]
 
     def negative_image_kv(self, image_embeds: torch.Tensor, image_kv: list[KV | None],
@@ -177,8 +186,9 @@ class Blip2Stage1(nn.Module):
         whole batch, else computed from the gathered (gradient-carrying) image embeddings."""
         _, world = dist.rank_and_world()
         if world == 1:
-            return [None if kv is None else (kv[0][neg_images], kv[1][neg_images]) for kv in image_kv]
-        return self.qformer.image_kv(dist.gather_with_grad(image_embeds)[neg_images])
+            return [None if kv is None else (kv[0].index_select(0, neg_images), kv[1].index_select(0, neg_images))
+                    for kv in image_kv]  # index_select: its backward (index_add) is far cheaper than index_put
+        return self.qformer.image_kv(dist.gather_with_grad(image_embeds).index_select(0, neg_images))
 
 
     # ------------------------------------------------------------------------ inference API

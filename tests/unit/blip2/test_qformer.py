@@ -138,3 +138,17 @@ def test_last_rows_prunes_the_last_layer_without_changing_those_rows(qformer):
     full_text, _ = qformer(text, 0, padding_mask(mask))
     cls, _ = qformer(text, 0, padding_mask(mask), last_rows=1)
     torch.testing.assert_close(cls, full_text[:, :1])
+
+
+def test_fast_dropout_keeps_the_expectation():
+    from blip2.qformer import Dropout, dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    out = dropout(x, 0.1, True)
+    assert abs((out == 0).float().mean().item() - 0.1) < 0.005
+    assert abs(out.mean().item() - 1.0) < 0.01 and out.max().item() == pytest.approx(1 / 0.9)
+    assert dropout(x, 0.1, False) is x
+    model = QFormer(tiny_qformer(), encoder_width=WIDTH)
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    assert any(isinstance(m, Dropout) for m in model.modules())
