@@ -12,12 +12,6 @@ from tiny_models import make_batch, tiny_stage1
 V_BERT = 127  # + [DEC] = 128, the tiny preset's vocabulary
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
 def tiny_bert_config(**overrides) -> BertConfig:
     fields = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   vocab_size=V_BERT, max_position_embeddings=512, layer_norm_eps=1e-12)

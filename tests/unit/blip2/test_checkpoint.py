@@ -14,20 +14,6 @@ from blip2.vision import build_image_encoder
 from tiny_models import make_batch
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def stage1(name="tiny", seed=0) -> Blip2Stage1:
     torch.manual_seed(seed)
     model = Blip2Stage1(preset(name))  # the tiny encoder is built with seed 0 whatever the global seed

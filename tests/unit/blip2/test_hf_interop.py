@@ -28,20 +28,6 @@ VIT_NO_PRE = "blip2-test-export-vit-no-ln-pre"  # open_clip ViT without ln_pre, 
 CAPTIONS = ["a red circle on the left", "two blue squares"]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy second core
-    yield
-    torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
     """Noise on every parameter (LayerNorm weights, biases, the key bias...): no mapping passes by luck."""

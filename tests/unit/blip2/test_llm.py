@@ -1,10 +1,6 @@
 """The frozen LLMs: tiny builds and tokenizers, the eval lock, local-directory loading, offline errors, meta."""
 import copy
-import os
 import pickle
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch

@@ -17,12 +17,6 @@ SHAPES_CAPTIONS = [  # one per caption style of pipelines/shapes/captions.py, pl
 ]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
 @pytest.fixture(scope="module")
 def shapes_tokenizer():
     return build_qformer_tokenizer(vocab_words=shapes_vocabulary())

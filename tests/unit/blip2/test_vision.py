@@ -21,12 +21,6 @@ TINY_VIT = "blip2-test-tiny-vit"  # 3 blocks, 2 kept
 TINY_EVA = "blip2-test-tiny-eva"  # timm eva02_tiny: 12 blocks, 11 kept
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
 @pytest.fixture(scope="module")
 def tiny_open_clip_configs(tmp_path_factory):
     """Register two tiny open_clip configs (a native ViT and a timm EVA tower) like the offline demo does."""
