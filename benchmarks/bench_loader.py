@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import random
 import sys
 import tarfile
@@ -19,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -29,24 +27,14 @@ from _common import write_result  # noqa: E402
 from pipelines.data.loader import LoaderConfig, SourceConfig, TrainLoader  # noqa: E402
 from pipelines.data.transforms import TrainTransform, clean_caption  # noqa: E402
 from pipelines.shapes import synth  # noqa: E402
+from pipelines.shapes.shards import pack_split  # noqa: E402
 
 
 def make_shards(workdir: Path, images: int, per_shard: int = 256) -> Path:
     """Shapes-world images packed in img2dataset's webdataset layout."""
     synth.run(synth.SynthConfig(split="curated", images=images, seed=0), str(workdir), progress=False)
-    rows = pq.read_table(workdir / "curated.parquet").to_pylist()
-    shard_dir = workdir / "shards"
-    shard_dir.mkdir()
-    for start in range(0, len(rows), per_shard):
-        with tarfile.open(shard_dir / f"{start // per_shard:05d}.tar", "w") as tar:
-            for row in rows[start:start + per_shard]:
-                parts = {"jpg": (workdir / "images" / "curated" / f"{row['key']}.jpg").read_bytes(),
-                         "txt": row["caption"].encode(), "json": json.dumps({"key": row["key"]}).encode()}
-                for ext, data in parts.items():
-                    info = tarfile.TarInfo(f"{row['key']}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return shard_dir
+    pack_split(workdir, "curated", workdir / "shards", per_shard)
+    return workdir / "shards"
 
 
 def bare_loop(shard_dir: Path, images: int, batch_size: int, image_size: int) -> float:

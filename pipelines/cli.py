@@ -19,11 +19,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "loader-check": ("pipelines.data.check", "draw batches from shards and report counts and skips"),
     "demo": ("pipelines.demo", "the whole pipeline on the embedded shapes-world default"),
 }
+TRAIN_STAGES = {"stage1": "pipelines.train_stage1", "stage2": "pipelines.train_stage2"}
 # Steps of the pipeline that later issues build; named here so `blip2 --help` shows the whole product.
 NOT_BUILT = {
     "foundation": "issue 5 (offline stand-in models)",
     "capfilt": "issue 5 (CapFilt)",
-    "train": "issue 4 (Ray Train stage 1 / stage 2)",
     "eval": "issue 6 (retrieval, caption and VQA evaluation)",
     "index": "issue 6 (FAISS index build / query)",
 }
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
+    sub.add_parser("train", help="train stage1|stage2 on Ray Train (or one process with scaling.workers=0)",
+                   add_help=False)
     for name, where in NOT_BUILT.items():
         sub.add_parser(name, help=f"(not built yet: {where})", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
@@ -50,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command in NOT_BUILT:
         raise NotImplementedError(f"`blip2 {command}` is not built yet: {NOT_BUILT[command]}")
+    if command == "train":
+        if not rest or rest[0] not in TRAIN_STAGES:
+            parser.error("usage: blip2 train stage1|stage2 --config FILE --output DIR [dotted overrides]")
+        _setup_environment()
+        return int(importlib.import_module(TRAIN_STAGES[rest[0]]).main(rest[1:]) or 0)
     if command not in COMMANDS:
         parser.error(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}")
     _setup_environment()

@@ -14,8 +14,8 @@ def test_help_lists_every_step(capsys):
 
 
 def test_steps_not_built_yet_say_which_issue():
-    with pytest.raises(NotImplementedError, match="issue 4"):
-        cli.main(["train", "stage1"])
+    with pytest.raises(NotImplementedError, match="issue 6"):
+        cli.main(["eval", "retrieval"])
 
 
 def test_unknown_command_is_an_error():

@@ -1,0 +1,99 @@
+"""Launching the training loop: Ray Train's TorchTrainer (local Ray, or the cluster in RAY_ADDRESS), or one
+plain process (`scaling.workers=0`). Shared by both stages and their command lines."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+from pipelines import runroot
+from pipelines.config import ConfigError, load_config
+from pipelines.data.shards import expand_shards
+from pipelines.train.config import TrainConfig
+from pipelines.train.loop import StageParts, train_loop_per_worker
+from pipelines.train.state import latest_checkpoint
+
+log = logging.getLogger(__name__)
+BuildStage = Callable[[TrainConfig, Any], StageParts]
+
+
+def validate(cfg: TrainConfig, output: str) -> None:
+    """Input checks before any worker starts: shards exist, stage 2 has a stage-1 checkpoint."""
+    for source in cfg.data.sources:
+        expand_shards(source.shards, f"data.sources[{source.name}]")
+    if cfg.stage == "stage2":
+        init = cfg.model.init_from
+        if not init or not os.path.isfile(os.path.join(init, "model.safetensors")):
+            raise ConfigError(f"model.init_from={init!r}: stage 2 starts from a stage-1 checkpoint directory "
+                              "(with model.safetensors and config.json)")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ConfigError(f"output {output}: exists and is not a directory")
+
+
+def run(cfg: TrainConfig, output_uri: str, build_stage: BuildStage) -> dict[str, Any]:
+    """Train to `cfg.optim.total_steps` into `output_uri`, resuming from its latest checkpoint."""
+    output = os.path.abspath(output_uri)
+    validate(cfg, output)
+    record = runroot.completed(output, cfg.identity_hash(), {})
+    if record is not None:
+        return record["result"]
+    os.makedirs(output, exist_ok=True)
+    (open(os.path.join(output, "train_config.yaml"), "w")).write(cfg.to_yaml())
+    started = time.time()
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "output": output, "build_stage": build_stage}
+    if cfg.scaling.workers == 0:
+        train_loop_per_worker(loop_config)
+    else:
+        fit_with_ray(cfg, output, loop_config)
+    step, path = latest_checkpoint(output) or (0, None)
+    result = {"stage": cfg.stage, "steps": step, "checkpoint": path, "output": output,
+              "mlflow_run_id": _run_id(output), "seconds": round(time.time() - started, 1)}
+    runroot.write_success(output, step=f"train-{cfg.stage}", config_hash=cfg.identity_hash(), input_hashes={},
+                          result=result, started=started)
+    return result
+
+
+def fit_with_ray(cfg: TrainConfig, output: str, loop_config: dict[str, Any]) -> None:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    started_here = not ray.is_initialized()
+    if started_here:  # the cluster in RAY_ADDRESS (ray job submit), else a local one on loopback
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            run_config=RunConfig(name=f"{cfg.stage}-{cfg.identity_hash()}-{int(time.time())}",
+                                 storage_path=os.path.join(output, "ray"),
+                                 failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
+            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        )
+        trainer.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _run_id(output: str) -> str | None:
+    path = os.path.join(output, "mlflow_run.json")
+    return json.load(open(path)).get("run_id") if os.path.exists(path) else None
+
+
+def main(argv: list[str] | None, stage: str, build_stage: BuildStage) -> int:
+    parser = argparse.ArgumentParser(prog=f"blip2 train {stage}")
+    parser.add_argument("--config", default=None, help="YAML file of TrainConfig fields")
+    parser.add_argument("--output", required=True, help="output directory (checkpoints, config, MLflow run id)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 scaling.workers=2")
+    args = parser.parse_args(argv)
+    cfg = load_config(TrainConfig, args.config, [f"stage={stage}", *args.overrides])
+    result = run(cfg, args.output, build_stage)
+    print(json.dumps(result, indent=2))
+    return 0
