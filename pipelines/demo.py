@@ -1,8 +1,9 @@
 """`make demo`: the pipeline, as far as it is built, on the embedded shapes-world default.
 
 shapes world (curated / web / test) -> local HTTP server with injected faults -> img2dataset
-download into webdataset shards -> training-loader check. Everything lives under one run root
-(default runs/demo); `summary.json` there gets one object per step.
+download into webdataset shards -> training-loader check -> stage 1 and stage 2 training on Ray Train
+(tiny random frozen parts until the offline stand-in models exist). Everything lives under one run root
+(default runs/demo); `summary.json` there gets one object per step; MLflow in `<run root>/mlflow.db`.
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from typing import Any
 
 from pydantic import Field
 
-from pipelines import download, runroot
+from pipelines import download, runroot, train_stage1, train_stage2
 from pipelines.config import StepConfig, load_config
 from pipelines.data.check import check_loader
 from pipelines.data.loader import LoaderConfig, SourceConfig
 from pipelines.serve import FaultConfig, ImageServer
 from pipelines.shapes import synth
+from pipelines.train.config import TrainConfig
 
 log = logging.getLogger("blip2.demo")
 
@@ -42,6 +44,11 @@ class DemoConfig(StepConfig):
     download_timeout: int = 3
     loader_batches: int = 3
     loader_batch_size: int = 16
+    train_workers: int = Field(2, ge=0, description="Ray Train workers (0: one plain process)")
+    stage1_steps: int = Field(150, gt=0)
+    stage2_steps: int = Field(100, gt=0)
+    train_batch_size: int = Field(16, gt=0, description="per worker")
+    model_image_size: int = Field(64, gt=0, description="the tiny encoder's input size (patch 8)")
 
 
 def server_port(preferred: int) -> int:
@@ -110,7 +117,39 @@ def run(cfg: DemoConfig, run_root: str) -> dict[str, Any]:
                               image_size=cfg.image_size, batch_size=cfg.loader_batch_size,
                               shuffle_buffer=200, num_workers=2, seed=cfg.seed)
     loader = check_loader(loader_cfg, cfg.loader_batches, str(root / "loader_check.png"))
-    return runroot.update_summary(str(root), "loader_check", loader)
+    runroot.update_summary(str(root), "loader_check", loader)
+    stage1 = train_stage1.run(train_config(cfg, root, raw_dir, "stage1"), str(root / "stage1"))
+    runroot.update_summary(str(root), "train_stage1", training_summary(stage1))
+    stage2 = train_stage2.run(train_config(cfg, root, raw_dir, "stage2", init_from=stage1["checkpoint"]),
+                              str(root / "stage2"))
+    return runroot.update_summary(str(root), "train_stage2", training_summary(stage2))
+
+
+def train_config(cfg: DemoConfig, root: Path, raw_dir: Path, stage: str, init_from: str | None = None) -> TrainConfig:
+    """The tiny preset on the curated + web shards, with MLflow in the run root."""
+    steps = cfg.stage1_steps if stage == "stage1" else cfg.stage2_steps
+    return TrainConfig.model_validate({
+        "stage": stage,
+        "model": {"preset": "tiny", "vision": {"image_size": cfg.model_image_size}, "init_from": init_from},
+        "data": {"sources": [{"name": "curated", "shards": str(raw_dir / "curated")},
+                             {"name": "web", "shards": str(raw_dir / "web")}],
+                 "image_size": cfg.model_image_size, "batch_size": cfg.train_batch_size, "shuffle_buffer": 200,
+                 "num_workers": 0, "seed": cfg.seed},
+        "optim": {"lr": 1e-3 if stage == "stage1" else 5e-4, "min_lr": 1e-4, "warmup_steps": max(1, steps // 10),
+                  "total_steps": steps},
+        "scaling": {"workers": cfg.train_workers},
+        "checkpoint": {"every": max(1, steps // 3)},
+        "tracking": {"uri": f"sqlite:///{root.resolve()}/mlflow.db", "experiment": "blip2-demo"},
+        "seed": cfg.seed, "max_text_length": 32, "log_every": 25,
+    })
+
+
+def training_summary(result: dict[str, Any]) -> dict[str, Any]:
+    last, first = result.get("last") or {}, result.get("first") or {}
+    keys = [k for k in ("loss", "loss_itc", "loss_itm", "loss_itg") if k in last]
+    return {"steps": result["steps"], "checkpoint": result["checkpoint"], "mlflow_run_id": result["mlflow_run_id"],
+            "seconds": result["seconds"], "first": {k: round(first[k], 4) for k in keys if k in first},
+            "last": {k: round(last[k], 4) for k in keys}}
 
 
 def print_summary(summary: dict[str, Any], run_root: str) -> None:
@@ -123,7 +162,14 @@ def print_summary(summary: dict[str, Any], run_root: str) -> None:
           f"skipped {lc['skipped_total']} {lc['skipped']}")
     for text in lc["examples"]:
         print(f"   caption: {text}")
-    print(f"== contact sheet: {lc['contact_sheet']}\n== summary: {Path(run_root) / runroot.SUMMARY}")
+    print(f"== contact sheet: {lc['contact_sheet']}")
+    for stage in ("train_stage1", "train_stage2"):
+        t = summary[stage]
+        print(f"== {stage}: {t['steps']} steps in {t['seconds']} s, loss {t['first'].get('loss')} -> "
+              f"{t['last'].get('loss')} ({t['last']}); checkpoint {t['checkpoint']}")
+    print(f"== summary: {Path(run_root) / runroot.SUMMARY}")
+    print(f"== MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///{Path(run_root).resolve()}/mlflow.db "
+          "--host 127.0.0.1 --port 5000")
 
 
 def main(argv: list[str] | None = None) -> int:

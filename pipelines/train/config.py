@@ -55,7 +55,8 @@ class TrackingSection(_Section):
     experiment: str = "blip2-pretrain"
     run_name: str | None = None
     parent_run_id: str | None = None
-    register_as: str | None = Field(None, description="registered model name for the final checkpoint")
+    register_as: str | None = Field(None, description="registered model name of the final checkpoint "
+                                                      "(default blip2-<stage>)")
     alias: str = "current"
     system_metrics: bool = True
 

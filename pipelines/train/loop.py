@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from blip2 import dist
+from pipelines import io
 from pipelines.config import ConfigError
 from pipelines.data.loader import TrainLoader
 from pipelines.train.config import TrainConfig
@@ -123,7 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker = open_tracker(cfg, output, rank, world)
     ceiling = matmul_ceiling(device) if rank == 0 else 0.0
     progress = tqdm(total=cfg.optim.total_steps, initial=step, desc=cfg.stage, disable=rank != 0)
-    nonfinite, saved_at, last_batch, step_flops = 0, step, None, None
+    nonfinite, saved_at, last_batch, step_flops, first_metrics, metrics = 0, step, None, None, None, {}
     batches_iter = iter(loader)
     while step < cfg.optim.total_steps:
         started = time.perf_counter()
@@ -147,6 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step_flops and ceiling:
             metrics["fraction_of_peak_flops"] = step_flops / seconds / (ceiling * 1e9)
         tracker.log_metrics(metrics, step=step)
+        first_metrics = first_metrics or {"step": step, **metrics}
         progress.update(1)
         progress.set_postfix(loss=f"{losses['loss']:.3f}")
         if rank == world - 1:
@@ -157,6 +159,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step % cfg.log_every == 0:
             report_to_ray({"step": step, "loss": losses["loss"]})
     progress.close()
+    if rank == 0:  # what this process saw: the first and last step it ran (a resumed run starts later)
+        io.write_json_atomic(os.path.join(output, "train_metrics.json"),
+                             {"first": first_metrics, "last": {"step": step, **metrics}})
     finish(cfg, output, parts, model, last_batch, tracker, rank)
 
 
@@ -231,6 +236,7 @@ def open_tracker(cfg: TrainConfig, output: str, rank: int, world: int):
                            system_metrics=cfg.tracking.system_metrics)
     tracker.log_params({**cfg.model_dump(mode="json"), "world_size": world, "identity_hash": cfg.identity_hash(),
                         "code_version": code_version()})
+    tracker.log_text(cfg.to_yaml(), "config/train_config.yaml")
     return tracker
 
 
@@ -258,5 +264,5 @@ def finish(cfg: TrainConfig, output: str, parts: StageParts, model: nn.Module, l
     tracker.log_loss_curves(["loss", "loss_itc", "loss_itm", "loss_itg"] if cfg.stage == "stage1" else ["loss"])
     latest = latest_checkpoint(output)
     if latest is not None:
-        tracker.log_checkpoint_model(latest[1], cfg.tracking.register_as, cfg.tracking.alias)
+        tracker.log_checkpoint_model(latest[1], cfg.tracking.register_as or f"blip2-{cfg.stage}", cfg.tracking.alias)
     tracker.finish()

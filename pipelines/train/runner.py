@@ -49,8 +49,11 @@ def run(cfg: TrainConfig, output_uri: str, build_stage: BuildStage) -> dict[str,
     else:
         fit_with_ray(cfg, output, loop_config)
     step, path = latest_checkpoint(output) or (0, None)
+    metrics_path = os.path.join(output, "train_metrics.json")
+    metrics = json.load(open(metrics_path)) if os.path.exists(metrics_path) else {}
     result = {"stage": cfg.stage, "steps": step, "checkpoint": path, "output": output,
-              "mlflow_run_id": _run_id(output), "seconds": round(time.time() - started, 1)}
+              "mlflow_run_id": _run_id(output), "seconds": round(time.time() - started, 1),
+              "first": metrics.get("first"), "last": metrics.get("last")}
     runroot.write_success(output, step=f"train-{cfg.stage}", config_hash=cfg.identity_hash(), input_hashes={},
                           result=result, started=started)
     return result

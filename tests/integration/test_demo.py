@@ -10,7 +10,8 @@ import pytest
 pytestmark = pytest.mark.integration
 
 SMALL = ["curated_images=40", "web_images=40", "test_images=10", "loader_batches=2", "loader_batch_size=8",
-         "faults.slow=0", "faults.not_found=0.1", "faults.corrupt=0.05"]
+         "faults.slow=0", "faults.not_found=0.1", "faults.corrupt=0.05", "train_workers=0", "stage1_steps=4",
+         "stage2_steps=3", "train_batch_size=8"]
 
 
 def free_port() -> int:
@@ -46,6 +47,9 @@ def test_demo_writes_the_summary_and_resumes(tmp_path):
     assert check["batch_shape"] == [8, 3, 96, 96] and sum(check["drawn"].values()) == 16
     assert (tmp_path / "loader_check.png").stat().st_size > 1000
     assert "== download:" in out and "caption:" in out
+    assert summary["train_stage1"]["steps"] == 4 and summary["train_stage2"]["steps"] == 3
+    assert set(summary["train_stage1"]["last"]) == {"loss", "loss_itc", "loss_itm", "loss_itg"}
+    assert (tmp_path / "mlflow.db").exists() and "mlflow ui" in out
 
     out_again, _ = run_demo(tmp_path, port)  # every download step is already done: recorded results come back
     again = json.loads((tmp_path / "summary.json").read_text())["download"]

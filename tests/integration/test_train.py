@@ -86,3 +86,68 @@ def test_a_checkpoint_from_another_config_is_refused(shards, tmp_path):
     with pytest.raises(CheckpointError, match="config"):
         train_stage1.run(config(shards, tmp_path, **{"scaling.workers": 0, "optim.total_steps": 3,
                                                      "optim.lr": 5e-4}), str(output))
+
+
+def launch(cfg: TrainConfig, tmp_path, output, name="train.yaml"):
+    """`python -m pipelines.train_stage1` as its own process group (so a kill takes its Ray with it)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / name
+    path.write_text(cfg.to_yaml())
+    return subprocess.Popen([sys.executable, "-m", "pipelines.train_stage1", "--config", str(path), "--output",
+                             str(output)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_killing_the_driver_and_starting_again_resumes(shards, tmp_path):
+    import os
+    import signal
+    import time
+
+    output = tmp_path / "killed"
+    cfg = config(shards, tmp_path, **{"optim.total_steps": 40, "checkpoint.every": 5})
+    first = launch(cfg, tmp_path, output)
+    deadline = time.time() + 240
+    while (latest_checkpoint(str(output)) or (0,))[0] < 10 and time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+    assert first.poll() is None, first.communicate()[0][-3000:]
+    assert latest_checkpoint(str(output))[0] >= 10, "no checkpoint within the time limit"
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started
+    first.wait()
+    second = launch(cfg, tmp_path, output, "again.yaml")
+    log, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, log[-3000:]
+    assert "resumed from" in log
+    assert latest_checkpoint(str(output))[0] == 40
+    assert [s for s, _ in history(tmp_path, output, "loss")] == list(range(1, 41))
+
+
+def test_a_job_submitted_to_a_local_ray_head_completes(shards, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    def free_port():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    env = {**__import__("os").environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    ray_bin = str(__import__("pathlib").Path(sys.executable).parent / "ray")
+    dashboard = free_port()
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
+    try:
+        output = tmp_path / "submitted"
+        cfg = config(shards, tmp_path, **{"optim.total_steps": 6, "checkpoint.every": 3})
+        (tmp_path / "job.yaml").write_text(cfg.to_yaml())
+        done = subprocess.run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
+                               sys.executable, "-m", "pipelines.train_stage1", "--config", str(tmp_path / "job.yaml"),
+                               "--output", str(output)], env=env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        assert "succeeded" in (done.stdout + done.stderr).lower()
+        assert latest_checkpoint(str(output))[0] == 6
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
