@@ -1,0 +1,205 @@
+"""Claim (issue 4): the Ray Train loop costs little over the same loop as one plain process.
+
+One run of this script measures, on the same shapes-world shards (256 images, 32 px, 8 shards of 32),
+the tiny stage-1 model, batch 8 per worker, data `num_workers=0`, one checkpoint (the final one),
+Ray reports every `log_every` steps (50; 10 with --quick), no system metrics, no generated samples:
+
+  * baseline: `scaling.workers=0`, i.e. `train_loop_per_worker` in this process, no Ray running
+    (run twice, before Ray is started and after it is shut down, to bracket drift from other load);
+  * candidate: `scaling.workers=1` under Ray Train (TorchTrainer), Ray started once by this script
+    with `ray.init(num_cpus=2, include_dashboard=False)`;
+  * scaling: `scaling.workers=2` (global batch 16) against the 1-worker run.
+The Ray runs of 1 and 2 workers alternate, `--repeats` of each (default 2), all on the one Ray instance;
+the figures are means over the runs.
+
+Threads: the plain process uses torch's default (one thread a core: 2). Ray sets OMP_NUM_THREADS of an
+actor to the CPUs it reserves, so the 1-worker run reserves `cpus_per_worker=2` (2 threads, as the plain
+process) and the 2-worker run `cpus_per_worker=1` (1 thread each): every run uses both cores, and the
+threads each worker actually got are recorded (`torch_threads`) from inside the worker.
+
+How the training is timed: every step's metrics carry a wall-clock timestamp (ms) in MLflow, taken when
+the loop logs them. The rate is (N - s0) / (t[N] - t[s0]) with s0 = log_every: the window holds only
+whole training steps (batch, forward, backward, optimizer, metrics, and one Ray report per `log_every`
+steps), none of the one-off costs (Ray start, worker group start, model build, MLflow run creation, the
+first step's FLOP count, the final checkpoint, model registration, shutdown). Those are reported apart,
+per phase, from `run` call to the build of the model, to step 1, to step N, to `run`'s return. The
+plain process pays once, at its first report, a lazy import of `ray.train` (about 1 s) that is no part
+of a training step; it is paid before the baseline runs (the Ray workers paid theirs at start-up).
+The end-to-end wall-time ratio is reported too.
+
+    .venv/bin/python benchmarks/bench_train_ray.py [--steps 200] [--log-every 50] [--repeats 2] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from pipelines.shapes import synth  # noqa: E402
+from pipelines.shapes.shards import pack_split  # noqa: E402
+from pipelines.train.config import TrainConfig  # noqa: E402
+from pipelines.train.loop import report_to_ray  # noqa: E402
+from pipelines.train.runner import run as run_training  # noqa: E402
+from pipelines.train_stage1 import build_stage1  # noqa: E402
+
+BATCH = 8
+
+
+def recording_build(marker_dir: str, cfg, device):
+    """`build_stage1`, first noting when and with how many torch threads this worker builds its model."""
+    import torch
+
+    from blip2 import dist
+
+    rank, world = dist.rank_and_world()
+    note = {"rank": rank, "world": world, "built_at": time.time(), "torch_threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "pid": os.getpid()}
+    Path(marker_dir, f"rank{rank}.json").write_text(json.dumps(note))
+    return build_stage1(cfg, device)
+
+
+def make_shards(root: Path) -> Path:
+    synth.run(synth.SynthConfig(split="curated", images=256, seed=0, image_size=32), str(root), progress=False)
+    pack_split(root, "curated", root / "shards", per_shard=32)  # 8 shards: 4 per reader with 2 workers
+    return root / "shards"
+
+
+def make_config(shards: Path, run_dir: Path, steps: int, log_every: int, workers: int, cpus: float) -> TrainConfig:
+    return TrainConfig.model_validate({
+        "stage": "stage1",
+        "model": {"preset": "tiny", "qformer": {"dropout": 0.0}},
+        "data": {"sources": [{"name": "curated", "shards": str(shards)}], "image_size": 32, "batch_size": BATCH,
+                 "shuffle_buffer": 32, "num_workers": 0},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "total_steps": steps, "weight_decay": 0.0},
+        "scaling": {"workers": workers, "cpus_per_worker": cpus, "max_failures": 0},
+        "checkpoint": {"every": steps, "keep": 1},
+        "tracking": {"uri": f"sqlite:///{run_dir}/mlflow.db", "system_metrics": False},
+        "log_every": log_every, "samples_to_generate": 0, "max_text_length": 24,
+    })
+
+
+def loss_timestamps(uri: str, run_id: str) -> dict[int, float]:
+    """step -> wall seconds at which the loop logged that step's metrics."""
+    from mlflow.tracking import MlflowClient
+
+    return {m.step: m.timestamp / 1000 for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")}
+
+
+def train_once(label: str, shards: Path, tmp: Path, steps: int, log_every: int, workers: int,
+               cpus: float = 1.0) -> dict:
+    run_dir = tmp / label
+    run_dir.mkdir()
+    markers = run_dir / "markers"
+    markers.mkdir()
+    cfg = make_config(shards, run_dir, steps, log_every, workers, cpus)
+    print(f"--- {label}: workers={workers} cpus_per_worker={cpus} steps={steps}", flush=True)
+    called = time.time()
+    result = run_training(cfg, str(run_dir / "out"), functools.partial(recording_build, str(markers)))
+    returned = time.time()
+    assert result["steps"] == steps, result
+    stamps = loss_timestamps(cfg.tracking.uri, result["mlflow_run_id"])
+    assert sorted(stamps) == list(range(1, steps + 1)), f"{label}: steps logged {sorted(stamps)[:5]}..."
+    notes = [json.loads(p.read_text()) for p in sorted(markers.glob("rank*.json"))]
+    world = max(workers, 1)
+    assert len(notes) == world, notes
+    s0 = log_every if steps >= 2 * log_every else max(2, steps // 5)
+    window = stamps[steps] - stamps[s0]
+    steps_per_s = (steps - s0) / window
+    gaps = {k: stamps[k] - stamps[k - 1] for k in range(s0 + 1, steps + 1)}
+    after_report = [gaps[k + 1] for k in range(s0, steps) if k % log_every == 0]
+    others = [g for k, g in gaps.items() if (k - 1) % log_every != 0]
+    built = min(n["built_at"] for n in notes)
+    return {
+        "workers": workers, "cpus_per_worker": cpus if workers else None, "global_batch": BATCH * world,
+        "torch_threads": [n["torch_threads"] for n in notes],
+        "steps_per_s": round(steps_per_s, 3), "samples_per_s": round(steps_per_s * BATCH * world, 2),
+        "window_steps": f"{s0}..{steps}", "window_s": round(window, 3),
+        "median_step_ms": round(1000 * statistics.median(others), 1),
+        "step_after_report_ms": [round(1000 * g, 1) for g in after_report],
+        "report_cost_ms": round(1000 * (statistics.mean(after_report) - statistics.median(others)), 1)
+        if after_report else None,
+        "first_steps_ms": [round(1000 * (stamps[k] - stamps[k - 1])) for k in range(2, min(s0, 12) + 1)],
+        "phases_s": {"launch_to_model_build": round(built - called, 2),
+                     "model_build_to_step_1": round(stamps[1] - built, 2),
+                     "step_1_to_step_N": round(stamps[steps] - stamps[1], 2),
+                     "step_N_to_return": round(returned - stamps[steps], 2)},
+        "end_to_end_s": round(returned - called, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=2, help="Ray runs of each size (alternating)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 40 steps, a report every 10, 1 repeat")
+    args = parser.parse_args()
+    steps, log_every, repeats = (40, 10, 1) if args.quick else (args.steps, args.log_every, args.repeats)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-ray-") as tmp:
+        tmp = Path(tmp)
+        shards = make_shards(tmp / "shapes")
+        report_to_ray({})  # the plain process's one-off lazy import of ray.train, outside the timed window
+        plain = [train_once("plain-1", shards, tmp, steps, log_every, workers=0)]
+        started = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False)
+        ray_init_s = time.perf_counter() - started
+        ones, twos = [], []
+        try:
+            for i in range(repeats):
+                ones.append(train_once(f"ray-1-{i}", shards, tmp, steps, log_every, workers=1, cpus=2.0))
+                twos.append(train_once(f"ray-2-{i}", shards, tmp, steps, log_every, workers=2, cpus=1.0))
+        finally:
+            started = time.perf_counter()
+            ray.shutdown()
+            ray_shutdown_s = time.perf_counter() - started
+        plain.append(train_once("plain-2", shards, tmp, steps, log_every, workers=0))
+
+    plain_rate = statistics.mean(p["steps_per_s"] for p in plain)
+    plain_e2e = statistics.mean(p["end_to_end_s"] for p in plain)
+    one_rate = statistics.mean(r["steps_per_s"] for r in ones)
+    one_samples, two_samples = (statistics.mean(r["samples_per_s"] for r in runs) for runs in (ones, twos))
+    write_result(
+        "train_ray",
+        baseline={"what": "scaling.workers=0: the loop in one plain process, no Ray (mean of the runs before "
+                          "and after the Ray runs)", "steps_per_s": round(plain_rate, 3), "runs": plain},
+        candidate={"what": f"scaling.workers=1: the same loop as one Ray Train (TorchTrainer) worker (mean of "
+                           f"{repeats} runs)", "steps_per_s": round(one_rate, 3), "runs": ones},
+        ratio=plain_rate / one_rate,
+        units="steady-state steps/s ratio, plain / Ray 1 worker (1.0 = no overhead; both use 2 threads)",
+        goal="Ray/plain overhead < 10% at 200 steps",
+        extra={
+            "steps": steps, "log_every": log_every, "batch_per_worker": BATCH,
+            "data": "shapes-world, 256 images at 32 px, 8 shards of 32, loader num_workers=0",
+            "repeats": repeats,
+            "end_to_end_ratio": round(statistics.mean(r["end_to_end_s"] for r in ones) / plain_e2e, 3),
+            "end_to_end_note": "whole `run` wall time, Ray 1 worker / plain (start-up and teardown included; "
+                               "ray.init itself is not)",
+            "ray_init_s": round(ray_init_s, 2), "ray_shutdown_s": round(ray_shutdown_s, 2),
+            "workers_1_vs_2": {
+                "one_worker": {"samples_per_s": round(one_samples, 2), "torch_threads": ones[0]["torch_threads"]},
+                "two_workers": {"samples_per_s": round(two_samples, 2), "torch_threads": twos[0]["torch_threads"],
+                                "runs": twos},
+                "scaling_ratio": round(two_samples / one_samples, 3),
+                "note": "samples/s, 2 workers x batch 8 (global 16) over 1 worker x batch 8; on this "
+                        f"{os.cpu_count()}-core box the 1 worker gets 2 threads (cpus_per_worker=2) and each of "
+                        "the 2 workers 1 thread (cpus_per_worker=1, so Ray sets OMP_NUM_THREADS=1): the same "
+                        "cores, shared also with Ray's own processes and the gloo all-reduce",
+            },
+        })
+
+
+if __name__ == "__main__":
+    main()
