@@ -74,6 +74,9 @@ class TrainConfig(StepConfig):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     debug: DebugSection = Field(default_factory=DebugSection)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="trainable parts: auto = bf16 autocast on GPU, fp32 on CPU (frozen encoder fp16 and "
+                            "LLM fp16/bf16 on GPU either way; fp16 Q-Former training gives NaNs: not offered)")
     max_text_length: int = Field(32, gt=1)
     seed: int = 0
     log_every: int = Field(10, gt=0)

@@ -180,7 +180,7 @@ def train_step(cfg: TrainConfig, parts: StageParts, model: nn.Module, optimizer:
         last = micro == cfg.optim.grad_accum - 1
         sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last \
             else nullcontext()
-        with sync, (counter or nullcontext()):
+        with sync, (counter or nullcontext()), autocast(cfg):
             losses = parts.losses(model(**parts.inputs(batch)))
             if not all_ranks_finite(losses["loss"]):
                 optimizer.zero_grad(set_to_none=True)
@@ -193,6 +193,15 @@ def train_step(cfg: TrainConfig, parts: StageParts, model: nn.Module, optimizer:
             [p for p in model.parameters() if p.requires_grad], cfg.optim.clip_grad_norm))
     optimizer.step()
     return totals, batches, (counter.get_total_flops() if counter else None)
+
+
+def autocast(cfg: TrainConfig):
+    """bf16 autocast for the trainable parts on a GPU (SPEC section 8: not fp16), nothing on the CPU."""
+    device = "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+    enabled = cfg.precision == "bf16" or (cfg.precision == "auto" and device == "cuda")
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
 
 def resume(cfg: TrainConfig, output: str, model: nn.Module, optimizer, scheduler, rank: int

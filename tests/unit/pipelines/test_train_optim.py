@@ -107,3 +107,17 @@ def test_scheduler_follows_lr_at_across_a_state_dict_round_trip():
         resumed.append([g["lr"] for g in optimizer.param_groups])
         _step(model, optimizer, scheduler)
     assert resumed == uninterrupted[6:]
+
+
+def test_precision_setting_picks_the_autocast():
+    import torch
+
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.loop import autocast
+
+    base = {"data": {"sources": [{"name": "a", "shards": "x"}]}}
+    cpu_auto = TrainConfig.model_validate(base)
+    assert type(autocast(cpu_auto)).__name__ == "nullcontext"  # fp32 on the CPU
+    bf16 = TrainConfig.model_validate({**base, "precision": "bf16"})
+    with autocast(bf16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
