@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from pipelines import runroot
@@ -41,7 +42,7 @@ def run(cfg: TrainConfig, output_uri: str, build_stage: BuildStage) -> dict[str,
     if record is not None:
         return record["result"]
     os.makedirs(output, exist_ok=True)
-    (open(os.path.join(output, "train_config.yaml"), "w")).write(cfg.to_yaml())
+    Path(output, "train_config.yaml").write_text(cfg.to_yaml())
     started = time.time()
     loop_config = {"cfg": cfg.model_dump(mode="json"), "output": output, "build_stage": build_stage}
     if cfg.scaling.workers == 0:
@@ -49,8 +50,8 @@ def run(cfg: TrainConfig, output_uri: str, build_stage: BuildStage) -> dict[str,
     else:
         fit_with_ray(cfg, output, loop_config)
     step, path = latest_checkpoint(output) or (0, None)
-    metrics_path = os.path.join(output, "train_metrics.json")
-    metrics = json.load(open(metrics_path)) if os.path.exists(metrics_path) else {}
+    metrics_path = Path(output, "train_metrics.json")
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     result = {"stage": cfg.stage, "steps": step, "checkpoint": path, "output": output,
               "mlflow_run_id": _run_id(output), "seconds": round(time.time() - started, 1),
               "first": metrics.get("first"), "last": metrics.get("last")}
@@ -86,8 +87,8 @@ def fit_with_ray(cfg: TrainConfig, output: str, loop_config: dict[str, Any]) -> 
 
 
 def _run_id(output: str) -> str | None:
-    path = os.path.join(output, "mlflow_run.json")
-    return json.load(open(path)).get("run_id") if os.path.exists(path) else None
+    path = Path(output, "mlflow_run.json")
+    return json.loads(path.read_text()).get("run_id") if path.exists() else None
 
 
 def main(argv: list[str] | None, stage: str, build_stage: BuildStage) -> int:
