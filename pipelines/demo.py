@@ -100,7 +100,7 @@ def summarize_downloads(per_split: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(cfg: DemoConfig, run_root: str) -> dict[str, Any]:
-    root = Path(run_root)
+    root = Path(run_root).resolve()
     data_dir, raw_dir = root / "data", root / "raw"
     data_dir.mkdir(parents=True, exist_ok=True)
     port = server_port(cfg.port)

@@ -34,9 +34,24 @@ def validate(cfg: TrainConfig, output: str) -> None:
         raise ConfigError(f"output {output}: exists and is not a directory")
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths made absolute on the driver: Ray workers do not run in the driver's directory."""
+    def absolute(spec):
+        if isinstance(spec, list):
+            return [absolute(s) for s in spec]
+        return spec if "://" in spec or os.path.isabs(spec) else os.path.abspath(spec)
+
+    data = cfg.data.model_copy(update={"sources": [s.model_copy(update={"shards": absolute(s.shards)})
+                                                   for s in cfg.data.sources]})
+    init = cfg.model.init_from
+    model = cfg.model.model_copy(update={"init_from": absolute(init) if init else None})
+    return cfg.model_copy(update={"data": data, "model": model})
+
+
 def run(cfg: TrainConfig, output_uri: str, build_stage: BuildStage) -> dict[str, Any]:
     """Train to `cfg.optim.total_steps` into `output_uri`, resuming from its latest checkpoint."""
     output = os.path.abspath(output_uri)
+    cfg = absolute_paths(cfg)
     validate(cfg, output)
     record = runroot.completed(output, cfg.identity_hash(), {})
     if record is not None:
