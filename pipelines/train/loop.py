@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as torch_dist
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from blip2 import dist
@@ -159,7 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step % cfg.log_every == 0:
             report_to_ray({"step": step, "loss": losses["loss"]})
     progress.close()
-    if rank == 0:  # what this process saw: the first and last step it ran (a resumed run starts later)
+    if rank == 0 and first_metrics:  # the first and last step this process ran (a resumed run starts later)
         io.write_json_atomic(os.path.join(output, "train_metrics.json"),
                              {"first": first_metrics, "last": {"step": step, **metrics}})
     finish(cfg, output, parts, model, last_batch, tracker, rank)
@@ -169,8 +170,6 @@ def train_step(cfg: TrainConfig, parts: StageParts, model: nn.Module, optimizer:
                batches_iter, count_flops: bool = False) -> tuple[dict[str, float] | None, list[dict], float | None]:
     """One optimizer step over `grad_accum` batches. Returns (losses, batches, FLOPs) or (None, ...) when a
     loss was not finite on some rank (then nothing is updated)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     optimizer.zero_grad(set_to_none=True)
     batches, totals = [], {}
     counter = FlopCounterMode(display=False) if count_flops else None
