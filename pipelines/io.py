@@ -21,6 +21,7 @@ def join(uri: str, *parts: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = fs_and_path(uri)
+    fs.invalidate_cache(path)  # an object store's listing cache may predate another process's write
     return fs.exists(path)
 
 

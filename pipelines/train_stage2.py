@@ -17,6 +17,7 @@ from blip2 import checkpoint
 from blip2.llm import build_llm
 from blip2.stage2 import Blip2Stage2, opt_lm_batch, t5_prefix_lm_batch
 from blip2.vision import build_image_encoder
+from pipelines.train import storage
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import StageParts
 from pipelines.train.runner import main as run_main
@@ -25,7 +26,7 @@ from pipelines.train.runner import run as run_training
 
 def stage2_model_config(cfg: TrainConfig):
     """The stage-1 checkpoint's encoder and Q-Former, with this job's LLM (preset + overrides)."""
-    stage1_cfg, _ = checkpoint.load_config(cfg.model.init_from)
+    stage1_cfg, _ = checkpoint.load_config(storage.localize(cfg.model.init_from))
     llm = cfg.model.resolve().llm
     if llm is None:
         raise ValueError(f"model.preset={cfg.model.preset!r} names no LLM; stage 2 needs an OPT or FlanT5 preset")
@@ -37,7 +38,8 @@ def build_stage2(cfg: TrainConfig, device: torch.device) -> StageParts:
     llm, llm_tokenizer = build_llm(model_cfg.llm, device)
     model = Blip2Stage2(model_cfg, visual=build_image_encoder(model_cfg.vision, device), llm=llm,
                         llm_tokenizer=llm_tokenizer)
-    model.init_report = model.load_stage1(load_file(os.path.join(cfg.model.init_from, "model.safetensors")))
+    stage1 = storage.localize(cfg.model.init_from)  # a URI: downloaded once per node
+    model.init_report = model.load_stage1(load_file(os.path.join(stage1, "model.safetensors")))
     split_rng = torch.Generator().manual_seed(cfg.seed)
 
     def inputs(batch: dict) -> dict:

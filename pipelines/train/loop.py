@@ -28,6 +28,7 @@ from pipelines.config import ConfigError
 from pipelines.data.loader import TrainLoader
 from pipelines.train.config import TrainConfig
 from pipelines.train.optim import build_optimizer, build_scheduler
+from pipelines.train import storage
 from pipelines.train.state import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
                                    save_checkpoint)
 from pipelines.train.tracking import default_tracking_uri, make_tracker
@@ -98,20 +99,24 @@ def report_to_ray(metrics: dict[str, float]) -> None:
 
 
 def maybe_fail(cfg: TrainConfig, output: str, step: int) -> None:
-    """Fault-tolerance drill: raise once at `debug.fail_once_at_step` (a marker file makes it once)."""
+    """Fault-tolerance drill: raise once at `debug.fail_once_at_step` (a marker in the output makes it once,
+    whichever node the restarted worker lands on)."""
     if cfg.debug.fail_once_at_step != step:
         return
-    marker = os.path.join(output, f".failed-once-at-{step}")
-    if not os.path.exists(marker):
-        open(marker, "w").close()
+    marker = io.join(output, f".failed-once-at-{step}")
+    if not io.exists(marker):
+        fs, path = io.fs_and_path(marker)
+        fs.pipe_file(path, b"")
         raise RuntimeError(f"injected failure at step {step} (debug.fail_once_at_step)")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`. config: {"cfg": TrainConfig (JSON), "output": the job's output
-    directory, "build_stage": (cfg, device) -> StageParts}."""
+    directory or object-store URI, "build_stage": (cfg, device) -> StageParts}. Checkpoints are written to
+    `work` (the output itself, or this node's staging directory for a remote output; see storage.py)."""
     cfg = TrainConfig.model_validate(config["cfg"])
     output, build_stage = config["output"], config["build_stage"]
+    work = storage.work_dir(output)
     rank, world = dist.rank_and_world()
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights (and frozen random parts) on every rank
@@ -119,7 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = parts.model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
-    step, samples_seen, loader_state = resume(cfg, output, model, optimizer, scheduler, rank)
+    step, samples_seen, loader_state = resume(cfg, output, work, model, optimizer, scheduler, rank)
     loader = TrainLoader(cfg.data, rank, world, state=loader_state)
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     tracker = open_tracker(cfg, output, rank, world)
@@ -155,15 +160,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == world - 1:
             maybe_fail(cfg, output, step)
         if step % cfg.checkpoint.every == 0 or step == cfg.optim.total_steps:
-            save(cfg, output, step, samples_seen, model, optimizer, scheduler, loader, tracker, rank)
+            save(cfg, output, work, step, samples_seen, model, optimizer, scheduler, loader, tracker, rank)
             saved_at = step
         if step % cfg.log_every == 0:
             report_to_ray({"step": step, "loss": losses["loss"]})
     progress.close()
     if rank == 0 and first_metrics:  # the first and last step this process ran (a resumed run starts later)
-        io.write_json_atomic(os.path.join(output, "train_metrics.json"),
+        io.write_json_atomic(io.join(output, "train_metrics.json"),
                              {"first": first_metrics, "last": {"step": step, **metrics}})
-    finish(cfg, output, parts, model, last_batch, tracker, rank)
+    finish(cfg, work, parts, model, last_batch, tracker, rank)
 
 
 def train_step(cfg: TrainConfig, parts: StageParts, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -203,10 +208,15 @@ def autocast(cfg: TrainConfig):
     return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
 
-def resume(cfg: TrainConfig, output: str, model: nn.Module, optimizer, scheduler, rank: int
+def resume(cfg: TrainConfig, output: str, work: str, model: nn.Module, optimizer, scheduler, rank: int
            ) -> tuple[int, int, dict | None]:
-    """Continue from the latest complete checkpoint in `output`, if any: (step, samples seen, loader state)."""
-    latest = latest_checkpoint(output)
+    """Continue from the latest complete checkpoint of the job, if any: (step, samples seen, loader state).
+    For a remote output every node first downloads the newest committed checkpoint into `work`."""
+    if storage.is_remote(output):
+        storage.pull_latest(output, work)
+        if dist.rank_and_world()[1] > 1:
+            torch_dist.barrier()
+    latest = latest_checkpoint(work)
     if latest is None:
         torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # per-rank dropout / sampling streams
         return 0, 0, None
@@ -220,17 +230,20 @@ def resume(cfg: TrainConfig, output: str, model: nn.Module, optimizer, scheduler
     return state["step"], state["samples_seen"], state["loader"][rank]
 
 
-def save(cfg: TrainConfig, output: str, step: int, samples_seen: int, model: nn.Module, optimizer, scheduler,
-         loader: TrainLoader, tracker, rank: int) -> None:
-    """Every rank hands in its data position and RNG state; rank 0 writes the checkpoint, then flushes the
-    metrics up to this step (so a resume from it neither repeats nor loses a step's metrics)."""
+def save(cfg: TrainConfig, output: str, work: str, step: int, samples_seen: int, model: nn.Module, optimizer,
+         scheduler, loader: TrainLoader, tracker, rank: int) -> None:
+    """Every rank hands in its data position and RNG state; rank 0 writes the checkpoint (into `work`, then
+    uploads it for a remote output), then flushes the metrics up to this step (so a resume from it neither
+    repeats nor loses a step's metrics)."""
     loader_states = gather_objects(loader.state_dict())
     rng_states = gather_objects(capture_rng_state())
     if rank == 0:
         state = {"step": step, "samples_seen": samples_seen, "config_hash": cfg.identity_hash(),
                  "seed": cfg.seed, "loader": loader_states, "rng": rng_states,
                  "data_report": loader.report()}
-        save_checkpoint(output, step, model, optimizer, scheduler, state, keep=cfg.checkpoint.keep)
+        path = save_checkpoint(work, step, model, optimizer, scheduler, state, keep=cfg.checkpoint.keep)
+        if storage.is_remote(output):
+            storage.push_checkpoint(path, output, step, keep=cfg.checkpoint.keep)
         tracker.flush(step)
     if dist.rank_and_world()[1] > 1:
         torch_dist.barrier()
@@ -259,7 +272,7 @@ def code_version() -> str:
         return "unknown"
 
 
-def finish(cfg: TrainConfig, output: str, parts: StageParts, model: nn.Module, last_batch: dict | None,
+def finish(cfg: TrainConfig, work: str, parts: StageParts, model: nn.Module, last_batch: dict | None,
            tracker, rank: int) -> None:
     """Rank 0: sample generations, loss curves and the final checkpoint as a registered model."""
     if rank != 0:
@@ -270,7 +283,7 @@ def finish(cfg: TrainConfig, output: str, parts: StageParts, model: nn.Module, l
         with torch.no_grad():
             tracker.log_dict(parts.samples(model, last_batch), "samples/generations.json")
     tracker.log_loss_curves(["loss", "loss_itc", "loss_itm", "loss_itg"] if cfg.stage == "stage1" else ["loss"])
-    latest = latest_checkpoint(output)
+    latest = latest_checkpoint(work)
     if latest is not None:
         tracker.log_checkpoint_model(latest[1], cfg.tracking.register_as or f"blip2-{cfg.stage}", cfg.tracking.alias)
     tracker.finish()

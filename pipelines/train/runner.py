@@ -7,30 +7,34 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable
 
-from pipelines import runroot
+from pipelines import io, runroot
 from pipelines.config import ConfigError, load_config
 from pipelines.data.shards import expand_shards
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import StageParts, train_loop_per_worker
-from pipelines.train.state import latest_checkpoint
+from pipelines.train import storage
 
 log = logging.getLogger(__name__)
 BuildStage = Callable[[TrainConfig, Any], StageParts]
 
 
 def validate(cfg: TrainConfig, output: str) -> None:
-    """Input checks before any worker starts: shards exist, stage 2 has a stage-1 checkpoint."""
+    """Input checks before any worker starts: shards exist, stage 2 has a stage-1 checkpoint, a remote output
+    has a tracking server every node can reach."""
     for source in cfg.data.sources:
         expand_shards(source.shards, f"data.sources[{source.name}]")
     if cfg.stage == "stage2":
         init = cfg.model.init_from
-        if not init or not os.path.isfile(os.path.join(init, "model.safetensors")):
-            raise ConfigError(f"model.init_from={init!r}: stage 2 starts from a stage-1 checkpoint directory "
-                              "(with model.safetensors and config.json)")
-    if os.path.exists(output) and not os.path.isdir(output):
+        if not init or not io.exists(io.join(init, "model.safetensors")):
+            raise ConfigError(f"model.init_from={init!r}: stage 2 starts from a stage-1 checkpoint directory or "
+                              "URI (with model.safetensors and config.json)")
+    if storage.is_remote(output):
+        if not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+            raise ConfigError(f"output {output} is remote: set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow "
+                              "server every node reaches; the embedded SQLite default needs a local output")
+    elif os.path.exists(output) and not os.path.isdir(output):
         raise ConfigError(f"output {output}: exists and is not a directory")
 
 
@@ -49,24 +53,26 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def run(cfg: TrainConfig, output_uri: str, build_stage: BuildStage) -> dict[str, Any]:
-    """Train to `cfg.optim.total_steps` into `output_uri`, resuming from its latest checkpoint."""
-    output = os.path.abspath(output_uri)
+    """Train to `cfg.optim.total_steps` into `output_uri` (a local directory or an object-store URI), resuming
+    from its latest checkpoint."""
+    output = storage.normalise(output_uri)
     cfg = absolute_paths(cfg)
     validate(cfg, output)
     record = runroot.completed(output, cfg.identity_hash(), {})
     if record is not None:
         return record["result"]
-    os.makedirs(output, exist_ok=True)
-    Path(output, "train_config.yaml").write_text(cfg.to_yaml())
+    io.makedirs(output)
+    fs, path = io.fs_and_path(io.join(output, "train_config.yaml"))
+    fs.pipe_file(path, cfg.to_yaml().encode())
     started = time.time()
     loop_config = {"cfg": cfg.model_dump(mode="json"), "output": output, "build_stage": build_stage}
     if cfg.scaling.workers == 0:
         train_loop_per_worker(loop_config)
     else:
         fit_with_ray(cfg, output, loop_config)
-    step, path = latest_checkpoint(output) or (0, None)
-    metrics_path = Path(output, "train_metrics.json")
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    step, path = storage.latest(output) or (0, None)
+    metrics_path = io.join(output, "train_metrics.json")
+    metrics = io.read_json(metrics_path) if io.exists(metrics_path) else {}
     result = {"stage": cfg.stage, "steps": step, "checkpoint": path, "output": output,
               "mlflow_run_id": _run_id(output), "seconds": round(time.time() - started, 1),
               "first": metrics.get("first"), "last": metrics.get("last")}
@@ -91,7 +97,7 @@ def fit_with_ray(cfg: TrainConfig, output: str, loop_config: dict[str, Any]) -> 
             scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
             run_config=RunConfig(name=f"{cfg.stage}-{cfg.identity_hash()}-{int(time.time())}",
-                                 storage_path=os.path.join(output, "ray"),
+                                 storage_path=os.path.join(storage.work_dir(output), "ray"),
                                  failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
             torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         )
@@ -102,14 +108,15 @@ def fit_with_ray(cfg: TrainConfig, output: str, loop_config: dict[str, Any]) -> 
 
 
 def _run_id(output: str) -> str | None:
-    path = Path(output, "mlflow_run.json")
-    return json.loads(path.read_text()).get("run_id") if path.exists() else None
+    path = io.join(output, "mlflow_run.json")
+    return io.read_json(path).get("run_id") if io.exists(path) else None
 
 
 def main(argv: list[str] | None, stage: str, build_stage: BuildStage) -> int:
     parser = argparse.ArgumentParser(prog=f"blip2 train {stage}")
     parser.add_argument("--config", default=None, help="YAML file of TrainConfig fields")
-    parser.add_argument("--output", required=True, help="output directory (checkpoints, config, MLflow run id)")
+    parser.add_argument("--output", required=True, help="output directory or object-store URI, e.g. s3://bucket/run "
+                        "(checkpoints, config, MLflow run id)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 scaling.workers=2")
     args = parser.parse_args(argv)
     cfg = load_config(TrainConfig, args.config, [f"stage={stage}", *args.overrides])

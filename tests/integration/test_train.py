@@ -4,40 +4,16 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.shapes import synth
-from pipelines.shapes.shards import pack_split
 from pipelines.train.config import TrainConfig
 from pipelines.train.state import CheckpointError, latest_checkpoint
+from train_support import config, make_shards
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    synth.run(synth.SynthConfig(split="curated", images=64, seed=0, image_size=32), str(root), progress=False)
-    pack_split(root, "curated", root / "shards", per_shard=16)  # 4 shards: one per reader with 2 x 2
-    return root / "shards"
-
-
-def config(shards, tmp_path, **overrides) -> TrainConfig:
-    base = {
-        "data": {"sources": [{"name": "curated", "shards": str(shards)}], "image_size": 32, "batch_size": 8,
-                 "shuffle_buffer": 16, "num_workers": 0},
-        "optim": {"lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 2, "total_steps": 12, "weight_decay": 0.0},
-        "scaling": {"workers": 2, "max_failures": 1},
-        "checkpoint": {"every": 4, "keep": 2},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "system_metrics": False},
-        "model": {"qformer": {"dropout": 0.0}},
-        "max_text_length": 24, "samples_to_generate": 2,
-    }
-    for key, value in overrides.items():
-        node = base
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return TrainConfig.model_validate(base)
+    return make_shards(tmp_path_factory.mktemp("shapes"))
 
 
 def history(tmp_path, output, key):
