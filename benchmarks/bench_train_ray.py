@@ -51,7 +51,8 @@ from pipelines.train.loop import report_to_ray  # noqa: E402
 from pipelines.train.runner import run as run_training  # noqa: E402
 from pipelines.train_stage1 import build_stage1  # noqa: E402
 
-BATCH = 8
+BATCH = 8  # per worker (--batch)
+IMAGE_SIZE = 32  # px (--image-size)
 
 
 def recording_build(marker_dir: str, cfg, device):
@@ -68,7 +69,8 @@ def recording_build(marker_dir: str, cfg, device):
 
 
 def make_shards(root: Path) -> Path:
-    synth.run(synth.SynthConfig(split="curated", images=256, seed=0, image_size=32), str(root), progress=False)
+    synth.run(synth.SynthConfig(split="curated", images=256, seed=0, image_size=IMAGE_SIZE), str(root),
+              progress=False)
     pack_split(root, "curated", root / "shards", per_shard=32)  # 8 shards: 4 per reader with 2 workers
     return root / "shards"
 
@@ -76,8 +78,9 @@ def make_shards(root: Path) -> Path:
 def make_config(shards: Path, run_dir: Path, steps: int, log_every: int, workers: int, cpus: float) -> TrainConfig:
     return TrainConfig.model_validate({
         "stage": "stage1",
-        "model": {"preset": "tiny", "qformer": {"dropout": 0.0}},
-        "data": {"sources": [{"name": "curated", "shards": str(shards)}], "image_size": 32, "batch_size": BATCH,
+        "model": {"preset": "tiny", "qformer": {"dropout": 0.0}, "vision": {"image_size": IMAGE_SIZE}},
+        "data": {"sources": [{"name": "curated", "shards": str(shards)}], "image_size": IMAGE_SIZE,
+                 "batch_size": BATCH,
                  "shuffle_buffer": 32, "num_workers": 0},
         "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "total_steps": steps, "weight_decay": 0.0},
         "scaling": {"workers": workers, "cpus_per_worker": cpus, "max_failures": 0},
@@ -142,7 +145,12 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2, help="Ray runs of each size (alternating)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 40 steps, a report every 10, 1 repeat")
+    parser.add_argument("--batch", type=int, default=8, help="batch per worker (a larger step: less overhead share)")
+    parser.add_argument("--image-size", type=int, default=32, help="image side in px (and the model's input)")
     args = parser.parse_args()
+    global BATCH, IMAGE_SIZE
+    BATCH, IMAGE_SIZE = args.batch, args.image_size
+    name = "train_ray" if (BATCH, IMAGE_SIZE) == (8, 32) else f"train_ray_b{BATCH}_px{IMAGE_SIZE}"
     steps, log_every, repeats = (40, 10, 1) if args.quick else (args.steps, args.log_every, args.repeats)
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
@@ -172,7 +180,7 @@ def main() -> None:
     one_rate = statistics.mean(r["steps_per_s"] for r in ones)
     one_samples, two_samples = (statistics.mean(r["samples_per_s"] for r in runs) for runs in (ones, twos))
     write_result(
-        "train_ray",
+        name,
         baseline={"what": "scaling.workers=0: the loop in one plain process, no Ray (mean of the runs before "
                           "and after the Ray runs)", "steps_per_s": round(plain_rate, 3), "runs": plain},
         candidate={"what": f"scaling.workers=1: the same loop as one Ray Train (TorchTrainer) worker (mean of "
@@ -182,7 +190,7 @@ def main() -> None:
         goal="Ray/plain overhead < 10% at 200 steps",
         extra={
             "steps": steps, "log_every": log_every, "batch_per_worker": BATCH,
-            "data": "shapes-world, 256 images at 32 px, 8 shards of 32, loader num_workers=0",
+            "data": f"shapes-world, 256 images at {IMAGE_SIZE} px, 8 shards of 32, loader num_workers=0",
             "repeats": repeats,
             "end_to_end_ratio": round(statistics.mean(r["end_to_end_s"] for r in ones) / plain_e2e, 3),
             "end_to_end_note": "whole `run` wall time, Ray 1 worker / plain (start-up and teardown included; "
