@@ -1,8 +1,9 @@
 """`make demo`: the pipeline, as far as it is built, on the embedded shapes-world default.
 
 shapes world (curated / web / test) -> local HTTP server with injected faults -> img2dataset
-download into webdataset shards -> training-loader check -> stage 1 and stage 2 training on Ray Train
-(tiny random frozen parts until the offline stand-in models exist). Everything lives under one run root
+download into webdataset shards -> offline stand-ins trained on the curated split (tiny CLIP, BLIP
+captioner, OPT, T5) -> CapFilt on the web split -> training-loader check -> stage 1 (frozen stand-in
+CLIP image tower) and stage 2 (frozen stand-in OPT) on Ray Train. Everything lives under one run root
 (default runs/demo); `summary.json` there gets one object per step; MLflow in `<run root>/mlflow.db`.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from pydantic import Field
 
-from pipelines import download, runroot, train_stage1, train_stage2
+from pipelines import capfilt, download, foundation, runroot, train_stage1, train_stage2
 from pipelines.config import StepConfig, load_config
 from pipelines.data.check import check_loader
 from pipelines.data.loader import LoaderConfig, SourceConfig
@@ -44,11 +45,13 @@ class DemoConfig(StepConfig):
     download_timeout: int = 3
     loader_batches: int = 3
     loader_batch_size: int = 16
+    foundation: dict[str, Any] = Field(default_factory=dict, description="FoundationConfig overrides")
+    capfilt: dict[str, Any] = Field(default_factory=dict, description="CapfiltConfig overrides")
     train_workers: int = Field(2, ge=0, description="Ray Train workers (0: one plain process)")
     stage1_steps: int = Field(150, gt=0)
     stage2_steps: int = Field(100, gt=0)
     train_batch_size: int = Field(16, gt=0, description="per worker")
-    model_image_size: int = Field(64, gt=0, description="the tiny encoder's input size (patch 8)")
+    model_image_size: int = Field(64, gt=0, description="the stand-in models' input size (patch 8)")
 
 
 def server_port(preferred: int) -> int:
@@ -112,27 +115,46 @@ def run(cfg: DemoConfig, run_root: str) -> dict[str, Any]:
         log.info("serving %s at %s with faults %s", data_dir, server.url, cfg.faults.model_dump())
         downloads = summarize_downloads(download_splits(cfg, data_dir, raw_dir))
     runroot.update_summary(str(root), "download", downloads)
-    loader_cfg = LoaderConfig(sources=[SourceConfig(name="curated", shards=str(raw_dir / "curated")),
-                                       SourceConfig(name="web", shards=str(raw_dir / "web"))],
+    models = foundation.run(foundation.FoundationConfig.model_validate(
+        {"curated": str(raw_dir / "curated"), "image_size": cfg.model_image_size, "seed": cfg.seed,
+         **cfg.foundation}), str(root / "foundation"))
+    runroot.update_summary(str(root), "foundation", {"seconds": models.seconds, "reused": models.reused,
+                                                     "metrics": models.metrics, "output": models.output_dir})
+    filtered = capfilt.run(capfilt.CapfiltConfig.model_validate(
+        {"shards": str(raw_dir / "web"), "captioner": models.captioner_dir, "ranker": f"local-dir:{models.clip_dir}",
+         "seed": cfg.seed, **cfg.capfilt}), str(root / "capfilt"))
+    runroot.update_summary(str(root), "capfilt", capfilt_summary(filtered))
+    sources = {"curated": raw_dir / "curated", "web": root / "capfilt"}
+    loader_cfg = LoaderConfig(sources=[SourceConfig(name=name, shards=str(path)) for name, path in sources.items()],
                               image_size=cfg.image_size, batch_size=cfg.loader_batch_size,
                               shuffle_buffer=200, num_workers=2, seed=cfg.seed)
     loader = check_loader(loader_cfg, cfg.loader_batches, str(root / "loader_check.png"))
     runroot.update_summary(str(root), "loader_check", loader)
-    stage1 = train_stage1.run(train_config(cfg, root, raw_dir, "stage1"), str(root / "stage1"))
+    stage1 = train_stage1.run(train_config(cfg, root, sources, models, "stage1"), str(root / "stage1"))
     runroot.update_summary(str(root), "train_stage1", training_summary(stage1))
-    stage2 = train_stage2.run(train_config(cfg, root, raw_dir, "stage2", init_from=stage1["checkpoint"]),
+    stage2 = train_stage2.run(train_config(cfg, root, sources, models, "stage2", init_from=stage1["checkpoint"]),
                               str(root / "stage2"))
     return runroot.update_summary(str(root), "train_stage2", training_summary(stage2))
 
 
-def train_config(cfg: DemoConfig, root: Path, raw_dir: Path, stage: str, init_from: str | None = None) -> TrainConfig:
-    """The tiny preset on the curated + web shards, with MLflow in the run root."""
+def capfilt_summary(result: capfilt.CapfiltResult) -> dict[str, Any]:
+    keys = ("web_precision", "kept_precision", "synthetic_precision", "web_kept_share", "images", "candidates",
+            "captions_per_second", "images_ranked_per_second", "corrupt_shards", "skipped_samples", "wall_seconds",
+            "executor", "histogram", "reused")
+    data = result.model_dump(mode="json")
+    return {key: data[key] for key in keys}
+
+
+def train_config(cfg: DemoConfig, root: Path, sources: dict[str, Path], models: foundation.FoundationResult,
+                 stage: str, init_from: str | None = None) -> TrainConfig:
+    """The tiny Q-Former over the stand-in CLIP's image tower (stage 2: into the stand-in OPT), on the curated
+    shards and the CapFilt-ed web shards, with MLflow in the run root."""
     steps = cfg.stage1_steps if stage == "stage1" else cfg.stage2_steps
     return TrainConfig.model_validate({
         "stage": stage,
-        "model": {"preset": "tiny", "vision": {"image_size": cfg.model_image_size}, "init_from": init_from},
-        "data": {"sources": [{"name": "curated", "shards": str(raw_dir / "curated")},
-                             {"name": "web", "shards": str(raw_dir / "web")}],
+        "model": {"preset": "tiny", "vision": foundation.vision_config(models),
+                  "llm": foundation.llm_config(models, "opt"), "init_from": init_from},
+        "data": {"sources": [{"name": name, "shards": str(path)} for name, path in sources.items()],
                  "image_size": cfg.model_image_size, "batch_size": cfg.train_batch_size, "shuffle_buffer": 200,
                  "num_workers": 0, "seed": cfg.seed},
         "optim": {"lr": 1e-3 if stage == "stage1" else 5e-4, "min_lr": 1e-4, "warmup_steps": max(1, steps // 10),
@@ -157,6 +179,14 @@ def print_summary(summary: dict[str, Any], run_root: str) -> None:
     print(f"\n== download: {dl['succeeded']}/{dl['attempted']} images ({dl['success_rate']:.1%})")
     for reason, count in sorted(dl["failure_reasons"].items(), key=lambda kv: -kv[1]):
         print(f"   failed: {reason:<28} {count}")
+    fd = summary["foundation"]
+    how = "reused" if fd["reused"] else f"trained in {fd['seconds']:.0f} s"
+    print(f"== stand-in models ({how}): {fd['output']}")
+    for model, figures in fd["metrics"].items():
+        print(f"   {model:<10} " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
+    cf = summary["capfilt"]
+    print(f"== capfilt: {cf['images']} web images, {cf['candidates']} synthetic captions; correct captions: web "
+          f"{cf['web_precision']:.1%} -> kept top-2 {cf['kept_precision']:.1%}; histograms {cf['histogram']}")
     lc = summary["loader_check"]
     print(f"== loader check: {lc['batches']} batches of {lc['batch_shape']}, drawn per source {lc['drawn']}, "
           f"skipped {lc['skipped_total']} {lc['skipped']}")
