@@ -35,9 +35,9 @@ def world(tmp_path_factory):
 
 def small(world, **extra) -> foundation.FoundationConfig:
     return foundation.FoundationConfig.model_validate({
-        "curated": str(world / "curated"), "image_size": 64, "held_out": 16, "views": 1,
-        "clip": {"steps": 60, "region_steps": 40, "batch": 32}, "captioner": {"steps": 40, "batch": 16},
-        "opt": {"steps": 30}, "t5": {"steps": 30}, **extra})
+        "curated": str(world / "curated"), "image_size": 64, "held_out": 16, "views": 0,
+        "clip": {"steps": 30, "region_steps": 20, "batch": 32}, "captioner": {"steps": 20, "batch": 16},
+        "opt": {"steps": 20}, "t5": {"steps": 20}, **extra})
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,158 @@
+"""The tiny captioner: transformers' BlipForConditionalGeneration + BlipProcessor (stand-in for
+Salesforce/blip-image-captioning-large), reloadable with `from_pretrained(dir)` of both classes.
+
+Its ViT has the CLIP image tower's shape and starts as an exact copy of it (open_clip and BLIP ViTs are
+the same computation once open_clip's ln_pre is off), as BLIP starts from a pretrained ViT; it stays frozen
+and the BERT-style text decoder learns BLIP's captioning LM loss on fresh true captions of the curated scenes.
+The processor: BlipImageProcessor at the model's size with the platform's CLIP normalisation, and the
+shapes-world word-level BERT tokenizer of blip2/tokenizer.py with [DEC] as the decoder's bos (as BLIP).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+from blip2.tokenizer import build_qformer_tokenizer, shapes_vocabulary
+from pipelines.data.transforms import CLIP_MEAN, CLIP_STD
+from pipelines.foundation.common import (IGNORE, Sample, TrainingImages, draw_batch, loss_summary, train_loop,
+                                         write_dir_atomic)
+from pipelines.foundation.config import CaptionerConfig, FoundationConfig
+from pipelines.shapes.captions import caption_for
+from pipelines.shapes.checker import check_caption
+from pipelines.shapes.scene import Scene
+
+
+def captioner_processor(image_size: int) -> BlipProcessor:
+    """BlipImageProcessor at the model's size (CLIP mean/std) + the shapes-world word-level BERT tokenizer."""
+    tokenizer = build_qformer_tokenizer(vocab_words=shapes_vocabulary())  # [DEC] is the decoder's bos, as in BLIP
+    images = BlipImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(CLIP_MEAN),
+                                image_std=list(CLIP_STD))
+    return BlipProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+def build_captioner(cfg: FoundationConfig, tokenizer) -> BlipForConditionalGeneration:
+    """A small BlipForConditionalGeneration whose ViT has the CLIP image tower's dimensions."""
+    clip, captioner = cfg.clip, cfg.captioner
+    vision = {"hidden_size": clip.width, "intermediate_size": int(clip.width * clip.mlp_ratio),
+              "num_hidden_layers": clip.layers, "num_attention_heads": clip.heads, "image_size": cfg.image_size,
+              "patch_size": clip.patch_size, "hidden_act": "gelu", "layer_norm_eps": 1e-5}
+    text = {"vocab_size": len(tokenizer), "hidden_size": captioner.text_width,
+            "intermediate_size": 4 * captioner.text_width, "num_hidden_layers": captioner.text_layers,
+            "num_attention_heads": captioner.text_heads, "max_position_embeddings": captioner.max_length,
+            "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "sep_token_id": tokenizer.sep_token_id, "eos_token_id": tokenizer.sep_token_id}
+    model = BlipForConditionalGeneration(BlipConfig(vision_config=vision, text_config=text))
+    model.generation_config.max_length = captioner.max_length
+    return model
+
+
+@torch.no_grad()
+def load_clip_vision(blip_vision: torch.nn.Module, clip_dir: Path) -> None:
+    """Copy the trained open_clip ViT (no ln_pre) into BLIP's vision model: the same computation under HF names."""
+    visual = open_clip.create_model(f"local-dir:{clip_dir}").visual
+    state = {"embeddings.class_embedding": visual.class_embedding.view(1, 1, -1),
+             "embeddings.patch_embedding.weight": visual.conv1.weight,
+             "embeddings.patch_embedding.bias": torch.zeros(visual.conv1.out_channels),
+             "embeddings.position_embedding": visual.positional_embedding.unsqueeze(0),
+             "post_layernorm.weight": visual.ln_post.weight, "post_layernorm.bias": visual.ln_post.bias}
+    names = {"ln_1": "layer_norm1", "attn.in_proj_": "self_attn.qkv.", "attn.out_proj.": "self_attn.projection.",
+             "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    for key, value in visual.transformer.resblocks.state_dict().items():
+        index, rest = key.split(".", 1)
+        for old, new in names.items():
+            rest = rest.replace(old, new)
+        state[f"encoder.layers.{index}.{rest}"] = value
+    blip_vision.load_state_dict(state, strict=True)
+
+
+def caption_batch(tokenizer, captions: Sequence[str], bos_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """BLIP's captioning batch: "[DEC] caption [SEP]" (the tokenizer's [CLS] replaced by the decoder's bos);
+    labels are the input ids with padding ignored (the decoder shifts them)."""
+    batch = tokenizer(list(captions), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    input_ids = batch["input_ids"].clone()  # (B, L)
+    input_ids[:, 0] = bos_token_id
+    labels = input_ids.masked_fill(batch["attention_mask"] == 0, IGNORE)  # (B, L)
+    return {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+@torch.no_grad()
+def image_embeddings(model: BlipForConditionalGeneration, processor: BlipProcessor, images: Sequence[Image.Image],
+                     chunk: int = 256) -> torch.Tensor:
+    """The frozen ViT's output for every image and for its mirror image.  (2, N, T, C)"""
+    model.vision_model.eval()
+    views: list[list[torch.Tensor]] = [[], []]
+    for start in range(0, len(images), chunk):
+        pixels = processor(images=list(images[start:start + chunk]), return_tensors="pt")["pixel_values"]
+        for flip, view in enumerate((pixels, pixels.flip(-1))):
+            views[flip].append(model.vision_model(pixel_values=view).last_hidden_state)  # (b, T, C)
+    return torch.stack([torch.cat(parts) for parts in views])
+
+
+def train_captioner(model: BlipForConditionalGeneration, tokenizer, embeddings: torch.Tensor,
+                    scenes_of: Sequence[Scene], cfg: CaptionerConfig, seed: int, progress: bool) -> list[float]:
+    """BLIP's captioning LM loss on (image, true caption) pairs, a fresh caption of the scene at every draw.
+    The ViT is frozen, so its outputs (`embeddings`, (2, N, T, C)) come precomputed; only the decoder trains."""
+    rng = np.random.default_rng([seed, 2])
+    bos = model.config.text_config.bos_token_id
+    model.vision_model.requires_grad_(False)
+    model.text_decoder.train()
+
+    def loss_at(step: int) -> torch.Tensor:
+        index, flips, scenes = draw_batch(rng, scenes_of, cfg.batch)
+        batch = caption_batch(tokenizer, [caption_for(scene, rng) for scene in scenes], bos, cfg.max_length)
+        image_embeds = embeddings[torch.as_tensor(flips).long(), torch.as_tensor(index)]  # (B, T, C)
+        return model.text_decoder(encoder_hidden_states=image_embeds, reduction="mean", **batch).loss
+
+    return train_loop(list(model.text_decoder.parameters()), loss_at, cfg.steps, cfg.lr, "foundation captioner",
+                      progress)
+
+
+@torch.no_grad()
+def evaluate_captioner(captioner_dir: Path, held: Sequence[Sample], cfg: CaptionerConfig, seed: int,
+                       chunk: int = 50) -> dict[str, float]:
+    """Share of correct captions (`check_caption(...).correct`) on held-out images: nucleus-sampled
+    (top_p 0.9, `cfg.samples` per image, as CapFilt) and greedy."""
+    model = BlipForConditionalGeneration.from_pretrained(captioner_dir).eval()
+    processor = BlipProcessor.from_pretrained(captioner_dir)
+    torch.manual_seed(seed)
+    correct = {"sampled": [], "greedy": []}
+    for start in range(0, len(held), chunk):
+        part = held[start:start + chunk]
+        pixel_values = processor(images=[s.image for s in part], return_tensors="pt")["pixel_values"]
+        options = {"sampled": {"do_sample": True, "top_p": 0.9, "num_return_sequences": cfg.samples},
+                   "greedy": {"do_sample": False, "num_beams": 1}}
+        for name, kwargs in options.items():
+            ids = model.generate(pixel_values=pixel_values, max_new_tokens=cfg.max_length, **kwargs)
+            texts = processor.batch_decode(ids, skip_special_tokens=True)
+            per_image = len(texts) // len(part)
+            correct[name] += [check_caption(text, part[i // per_image].scene).correct for i, text in enumerate(texts)]
+    return {"sampled_correct": float(np.mean(correct["sampled"])), "greedy_correct": float(np.mean(correct["greedy"]))}
+
+
+def save_captioner(model: BlipForConditionalGeneration, processor: BlipProcessor, directory: Path) -> None:
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+def foundation_captioner(cfg: FoundationConfig, training: TrainingImages, held: Sequence[Sample],
+                         directory: Path, clip_dir: Path, progress: bool) -> dict[str, float]:
+    """Build (ViT from the CLIP in `clip_dir`), train and save the tiny BLIP captioner; its held-out figures."""
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    processor = captioner_processor(cfg.image_size)
+    model = build_captioner(cfg, processor.tokenizer)
+    load_clip_vision(model.vision_model, clip_dir)
+    embeddings = image_embeddings(model, processor, training.images)  # (2, N, T, C)
+    losses = train_captioner(model, processor.tokenizer, embeddings, training.scenes, cfg.captioner, cfg.seed,
+                             progress)
+    write_dir_atomic(directory, lambda tmp: save_captioner(model.eval(), processor, tmp))
+    seconds = time.perf_counter() - started
+    return {**evaluate_captioner(directory, held, cfg.captioner, cfg.seed), **loss_summary(losses),
+            "seconds": round(seconds, 2), "eval_seconds": round(time.perf_counter() - started - seconds, 2)}

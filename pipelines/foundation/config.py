@@ -1,0 +1,130 @@
+"""Config and result of the foundation step (pydantic, `extra="forbid"`), and the step's constants."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipelines.config import StepConfig
+
+STEP = "foundation"
+MODELS = ("clip", "captioner", "opt", "t5")
+VQA_TEMPLATES = {"opt": "Question: {} Answer:", "t5": "Question: {} Short answer:"}  # blip2.stage2's VQA prompts
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClipConfig(_Section):
+    """Tiny open_clip CLIP: a ViT image tower (`layers` blocks; stage 1 keeps layers - 1) + a text transformer.
+
+    Phase 1 (`region_steps`) trains the image tower alone on the region loss; phase 2 (`steps`) trains both
+    towers with ClipLoss + hard negatives (+ `region_weight` x the region loss)."""
+
+    width: int = Field(64, ge=16)
+    layers: int = Field(3, ge=2)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    patch_size: int = Field(8, ge=2)
+    text_width: int = Field(64, ge=16)
+    text_layers: int = Field(2, ge=1)
+    text_heads: int = Field(4, ge=1)
+    embed_dim: int = Field(64, ge=8)
+    context_length: int = Field(32, ge=8, description="BPE tokens per caption (open_clip SimpleTokenizer)")
+    region_steps: int = Field(800, ge=0, description="phase 1: image-tower steps on the region loss alone")
+    steps: int = Field(300, ge=1, description="phase 2: contrastive steps")
+    batch: int = Field(64, ge=2)
+    lr: float = Field(4e-3, gt=0)
+    hard_negatives: int = Field(3, ge=0, description="wrong-attribute / partial captions per image (phase 2)")
+    spam_negatives: int = Field(8, ge=0, description="spam captions per batch (phase 2)")
+    region_weight: float = Field(1.0, ge=0, description="weight of the region loss next to ClipLoss in phase 2")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ClipConfig":
+        for width, heads, name in ((self.width, self.heads, "heads"), (self.text_width, self.text_heads, "text_heads")):
+            if width % heads:
+                raise ValueError(f"clip.{name}={heads} must divide the width {width}")
+        return self
+
+
+class CaptionerConfig(_Section):
+    """Tiny BLIP captioner: a ViT shaped like the CLIP image tower (initialised from the trained CLIP and kept
+    frozen, as BLIP starts from a pretrained ViT) + a BERT-style text decoder cross-attending to it."""
+
+    text_width: int = Field(64, ge=16)
+    text_layers: int = Field(2, ge=1)
+    text_heads: int = Field(4, ge=1)
+    max_length: int = Field(40, ge=8, description="tokens per caption, [DEC] and [SEP] included")
+    steps: int = Field(1500, ge=1)
+    batch: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    samples: int = Field(10, ge=1, description="nucleus samples per held-out image for the figure")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "CaptionerConfig":
+        if self.text_width % self.text_heads:
+            raise ValueError(f"captioner.text_heads={self.text_heads} must divide text_width {self.text_width}")
+        return self
+
+
+class LanguageModelConfig(_Section):
+    """A tiny OPT or FlanT5-shaped T5 (stage 2 needs hidden >= 64, ffn 128 for the Q-Former to steer it)."""
+
+    hidden_size: int = Field(64, ge=16)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    ffn_dim: int = Field(128, ge=16)
+    steps: int = Field(300, ge=1)
+    batch: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "LanguageModelConfig":
+        if self.hidden_size % self.heads:
+            raise ValueError(f"heads={self.heads} must divide hidden_size {self.hidden_size}")
+        return self
+
+
+class FoundationConfig(StepConfig):
+    """Config of the foundation step."""
+
+    curated: str | list[str] = Field(description="webdataset shards of the curated split (img2dataset layout)")
+    image_size: int = Field(64, ge=16)
+    seed: int = Field(0, ge=0)
+    held_out: int = Field(100, ge=1, description="curated images kept out of training, for the figures")
+    views: int = Field(8, ge=0, description="extra renderings of every training scene (new jitter and noise)")
+    models: list[Literal["clip", "captioner", "opt", "t5"]] = Field(default_factory=lambda: list(MODELS))
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)
+    opt: LanguageModelConfig = Field(default_factory=LanguageModelConfig)
+    t5: LanguageModelConfig = Field(default_factory=LanguageModelConfig)
+
+    @field_validator("models")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"models={value}: expected a non-empty list of distinct names from {MODELS}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FoundationConfig":
+        if self.image_size % self.clip.patch_size:
+            raise ValueError(f"clip.patch_size={self.clip.patch_size} must divide image_size {self.image_size}")
+        if "captioner" in self.models and "clip" not in self.models:
+            raise ValueError(f"models={self.models}: the captioner's ViT is the CLIP's, so 'clip' must be trained too")
+        return self
+
+
+class FoundationResult(BaseModel):
+    """What one foundation run wrote (a model's dir is None when it was not asked for)."""
+
+    output_dir: str
+    clip_dir: str | None = None
+    captioner_dir: str | None = None
+    opt_dir: str | None = None
+    t5_dir: str | None = None
+    metrics: dict[str, dict[str, float]] = Field(default_factory=dict)  # per model: figures, losses, seconds
+    samples: dict[str, int] = Field(default_factory=dict)  # train / held_out / skipped
+    seconds: float = 0.0
+    reused: bool = False  # True when an identical earlier run's recorded result was returned

@@ -1,0 +1,225 @@
+"""The foundation step on a tiny curated split: every model reloads through its own library's loader and plugs
+into the platform (build_image_encoder, build_llm, Blip2Stage2); caching, retraining, input errors, falling losses.
+The quality figures at default settings are measured by hand (see the step's report), not here."""
+import json
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BlipForConditionalGeneration,
+                          BlipProcessor)
+
+from blip2.config import LLMConfig, VisionConfig, preset
+from blip2.llm import build_llm
+from blip2.stage2 import Blip2Stage2, opt_lm_batch, t5_prefix_lm_batch
+from blip2.vision import build_image_encoder
+from pipelines import foundation
+from pipelines.config import ConfigError
+from pipelines.foundation.captioner import load_clip_vision
+from pipelines.foundation.clip import object_regions
+from pipelines.foundation.common import load_curated
+from pipelines.shapes.scene import Obj, Scene
+from pipelines.shapes.shards import pack_split
+from pipelines.shapes.synth import SynthConfig
+from pipelines.shapes.synth import run as synth
+
+TINY = {
+    "held_out": 8, "views": 1,
+    "clip": {"width": 32, "heads": 4, "text_width": 32, "text_heads": 4, "embed_dim": 16, "region_steps": 25,
+             "steps": 6, "batch": 16, "hard_negatives": 1, "spam_negatives": 2},
+    "captioner": {"text_width": 32, "text_layers": 1, "steps": 30, "batch": 8, "samples": 2},
+    "opt": {"hidden_size": 32, "layers": 1, "ffn_dim": 64, "steps": 30, "batch": 16},
+    "t5": {"hidden_size": 32, "layers": 1, "ffn_dim": 64, "steps": 30, "batch": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("curated")
+    synth(SynthConfig(split="curated", images=40, image_size=64), root / "synth", progress=False)
+    pack_split(root / "synth", "curated", root / "shards", per_shard=16)
+    return str(root / "shards")
+
+
+@pytest.fixture(scope="module")
+def trained(curated, tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("foundation")
+    cfg = foundation.FoundationConfig(curated=curated, **TINY)
+    return cfg, foundation.run(cfg, out, progress=False)
+
+
+def _gray():
+    return Image.new("RGB", (64, 64), (128, 128, 128))
+
+
+# --------------------------------------------------------------------------------------- the folders
+def test_clip_folder_loads_with_open_clip_and_ranks(trained):
+    _, result = trained
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{result.clip_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{result.clip_dir}")
+    assert isinstance(tokenizer, open_clip.SimpleTokenizer) and tokenizer.context_length == 32
+    image = preprocess(_gray()).unsqueeze(0)  # (1, 3, 64, 64)
+    with torch.no_grad():
+        cosine = model.encode_image(image, normalize=True) @ model.encode_text(
+            tokenizer(["a red circle", "buy now"]), normalize=True).T  # (1, 2)
+    assert cosine.shape == (1, 2) and torch.isfinite(cosine).all()
+    figures = result.metrics["clip"]
+    assert {"rank_vs_wrong_attribute", "rank_vs_spam", "rank_vs_partial", "seconds"} <= set(figures)
+    assert figures["region_loss_last"] < figures["region_loss_first"]
+
+
+def test_vision_config_builds_the_stage1_encoder(trained):
+    _, result = trained
+    overrides = foundation.vision_config(result)
+    assert overrides == foundation.vision_config(result.output_dir) == foundation.vision_config(result.clip_dir)
+    assert overrides["kind"] == "open_clip" and overrides["name"] == f"local-dir:{result.clip_dir}"
+    assert (overrides["width"], overrides["layers"], overrides["patch_size"]) == (32, 2, 8)  # 3 blocks, last dropped
+    encoder = build_image_encoder(VisionConfig(**overrides))
+    tokens = encoder(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, 65, 32) and encoder.num_blocks == 2
+
+
+def test_captioner_folder_loads_with_transformers_and_generates(trained):
+    cfg, result = trained
+    model = BlipForConditionalGeneration.from_pretrained(result.captioner_dir).eval()
+    processor = BlipProcessor.from_pretrained(result.captioner_dir)
+    assert processor.tokenizer.convert_ids_to_tokens(model.config.text_config.bos_token_id) == "[DEC]"
+    pixel_values = processor(images=[_gray()], return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (1, 3, 64, 64)
+    ids = model.generate(pixel_values=pixel_values, do_sample=True, top_p=0.9, num_return_sequences=3,
+                         max_new_tokens=8)
+    assert len(processor.batch_decode(ids, skip_special_tokens=True)) == 3
+    figures = result.metrics["captioner"]
+    assert 0.0 <= figures["sampled_correct"] <= 1.0 and 0.0 <= figures["greedy_correct"] <= 1.0
+    assert figures["loss_last"] < figures["loss_first"]
+
+
+def test_captioner_vit_starts_as_the_clip_vit(trained):
+    """open_clip's ViT without ln_pre and transformers' BLIP ViT compute the same tokens after the copy."""
+    _, result = trained
+    clip = open_clip.create_model(f"local-dir:{result.clip_dir}").eval()
+    blip = BlipForConditionalGeneration.from_pretrained(result.captioner_dir).eval()
+    fresh = BlipForConditionalGeneration(blip.config).eval()
+    load_clip_vision(fresh.vision_model, result.clip_dir)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = clip.visual.forward_intermediates(images, indices=1, normalize_intermediates=True, output_fmt="NLC",
+                                                output_extra_tokens=True, intermediates_only=True)
+        expected = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+        assert torch.allclose(fresh.vision_model(pixel_values=images).last_hidden_state, expected, atol=1e-5)
+        assert torch.allclose(blip.vision_model(pixel_values=images).last_hidden_state, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_llm_folders_load_with_auto_classes_and_build_llm(trained, kind):
+    _, result = trained
+    directory = getattr(result, f"{kind}_dir")
+    loader = AutoModelForCausalLM if kind == "opt" else AutoModelForSeq2SeqLM
+    model, tokenizer = loader.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
+    if kind == "opt":
+        assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2, 2)
+        assert tokenizer("\n", add_special_tokens=False)["input_ids"] == [2]
+    else:
+        assert (tokenizer.pad_token_id, tokenizer.eos_token_id, model.config.decoder_start_token_id) == (0, 1, 0)
+        assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()  # FlanT5's own head
+    assert tokenizer.unk_token_id not in tokenizer("a red circle on the left")["input_ids"]
+    overrides = foundation.llm_config(result, kind)
+    assert overrides["name"] == directory and overrides["hidden_size"] == 32
+    llm, llm_tokenizer = build_llm(LLMConfig(**overrides))
+    assert not any(p.requires_grad for p in llm.parameters()) and len(llm_tokenizer) == overrides["vocab_size"]
+    figures = result.metrics[kind]
+    assert figures["loss_last"] < figures["loss_first"] and figures["held_out_perplexity"] > 1.0
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_stage2_runs_on_the_stand_ins(trained, kind):
+    _, result = trained
+    base = preset("tiny" if kind == "opt" else "tiny-t5")
+    cfg = base.__class__(name="foundation", vision=VisionConfig(**foundation.vision_config(result)),
+                         qformer=base.qformer, llm=LLMConfig(**foundation.llm_config(result, kind)))
+    model = Blip2Stage2(cfg)
+    tokenizer = model.tokenizer
+    captions = ["a red circle on the left", "two shapes: a blue square and a green star"]
+    batch = opt_lm_batch(tokenizer, captions) if kind == "opt" else \
+        t5_prefix_lm_batch(tokenizer, captions, torch.Generator().manual_seed(0))
+    out = model(torch.randn(2, 3, 64, 64), batch["input_ids"], batch["attention_mask"], batch["labels"])
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.query_tokens.grad is not None
+    assert len(model.caption(torch.randn(1, 3, 64, 64), num_beams=1, max_new_tokens=4)) == 1
+
+
+# ------------------------------------------------------------------------------------------ the step
+def test_result_files_and_cache(trained):
+    cfg, result = trained
+    out = result.output_dir
+    recorded = json.loads(open(f"{out}/foundation.json").read())
+    assert recorded == result.model_dump(mode="json") and not result.reused
+    assert json.loads(open(f"{out}/_SUCCESS.json").read())["config_hash"] == cfg.config_hash()
+    again = foundation.run(cfg, out, progress=False)
+    assert again.reused and again.metrics == result.metrics and again.clip_dir == result.clip_dir
+    assert result.samples == {"train": 32, "held_out": 8, "skipped": 0}
+
+
+def test_changed_config_retrains_only_that(curated, tmp_path):
+    cfg = foundation.FoundationConfig(curated=curated, **{**TINY, "models": ["opt"]})
+    first = foundation.run(cfg, tmp_path, progress=False)
+    changed = foundation.run(cfg.model_copy(update={"seed": 1}), tmp_path, progress=False)
+    assert not first.reused and not changed.reused
+    assert changed.metrics["opt"]["loss_first"] != first.metrics["opt"]["loss_first"]
+    assert changed.clip_dir is None and sorted(p.name for p in tmp_path.iterdir()) == [
+        "_SUCCESS.json", "foundation.json", "opt"]  # no temp or old folders left behind
+    assert foundation.run(cfg.model_copy(update={"seed": 1}), tmp_path, progress=False).reused
+
+
+def test_missing_shards_name_the_field(tmp_path):
+    cfg = foundation.FoundationConfig(curated=str(tmp_path / "nowhere" / "{00000..00001}.tar"))
+    with pytest.raises(ConfigError, match="curated"):
+        foundation.run(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="clip.heads"):
+        foundation.FoundationConfig(curated="x", clip={"width": 30, "heads": 4})
+    with pytest.raises(ValueError, match="'clip' must be trained"):
+        foundation.FoundationConfig(curated="x", models=["captioner"])
+    with pytest.raises(ValueError, match="extra"):
+        foundation.FoundationConfig(curated="x", clip={"stepz": 3})
+
+
+def test_too_few_samples_for_the_held_out_images(curated, tmp_path):
+    with pytest.raises(ConfigError, match="held_out=40"):
+        foundation.run(foundation.FoundationConfig(curated=curated, held_out=40, models=["opt"]), tmp_path,
+                       progress=False)
+
+
+def test_main_prints_the_result_and_reports_bad_input(trained, curated, capsys):
+    cfg, result = trained
+    overrides = [f"{section}.{key}={value}" for section, fields in TINY.items() if isinstance(fields, dict)
+                 for key, value in fields.items()] + ["held_out=8", "views=1"]
+    assert foundation.main(["--curated", curated, "--output", result.output_dir, "--no-progress", *overrides]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["reused"] and printed["clip_dir"] == result.clip_dir
+    assert foundation.main(["--curated", "/nowhere/{0..1}.tar", "--output", "/tmp/x", "--no-progress"]) == 2
+    assert "curated" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ the parts
+def test_object_regions_cover_each_object():
+    scene = Scene(objects=(Obj("circle", "red", "small", "left"), Obj("star", "blue", "large", "centre")))
+    rows, weights, labels = object_regions([scene], grid=8, image_size=64)
+    assert rows.tolist() == [0, 0] and torch.allclose(weights.sum(1), torch.ones(2))
+    left = weights[0].view(8, 8).nonzero().tolist()
+    assert left == [[3, 1], [3, 2], [4, 1], [4, 2]]  # the 2x2 patches around (16, 32)
+    assert (weights[1].view(8, 8) > 0).sum() == 16  # a large object: 4x4 patches around (32, 32)
+    assert labels.tolist() == [[0, 0, 0, 0], [3, 2, 1, 4]]  # shape, colour, size, position indices
+
+
+def test_load_curated_reads_scenes_and_texts(curated):
+    from pipelines.data.shards import expand_shards
+    samples, skipped = load_curated(expand_shards(curated), 64)
+    assert len(samples) == 40 and skipped.total() == 0
+    assert samples[0].key < samples[-1].key and samples[0].captions and samples[0].questions
+    assert samples[0].image.size == (64, 64)
