@@ -11,7 +11,10 @@ pytestmark = pytest.mark.integration
 
 SMALL = ["curated_images=40", "web_images=40", "test_images=10", "loader_batches=2", "loader_batch_size=8",
          "faults.slow=0", "faults.not_found=0.1", "faults.corrupt=0.05", "train_workers=0", "stage1_steps=4",
-         "stage2_steps=3", "train_batch_size=8"]
+         "stage2_steps=3", "train_batch_size=8", "foundation.held_out=8", "foundation.views=0",
+         "foundation.clip.steps=10", "foundation.clip.region_steps=5", "foundation.clip.batch=16",
+         "foundation.captioner.steps=10", "foundation.captioner.batch=8", "foundation.captioner.samples=2",
+         "foundation.opt.steps=5", "foundation.t5.steps=5", "capfilt.num_captions=3", "capfilt.max_new_tokens=12"]
 
 
 def free_port() -> int:
@@ -43,6 +46,10 @@ def test_demo_writes_the_summary_and_resumes(tmp_path):
         assert (tmp_path / "data" / split / "_SUCCESS.json").exists()
         assert (tmp_path / "raw" / split / "_SUCCESS.json").exists()
         assert list((tmp_path / "raw" / split).glob("*.tar"))
+    assert set(summary["foundation"]["metrics"]) == {"clip", "captioner", "opt", "t5"}
+    capfilt = summary["capfilt"]
+    assert capfilt["images"] == download["splits"]["web"]["succeeded"] and capfilt["candidates"] == 3 * capfilt["images"]
+    assert 0 <= capfilt["web_precision"] <= 1 and 0 <= capfilt["kept_precision"] <= 1
     check = summary["loader_check"]
     assert check["batch_shape"] == [8, 3, 96, 96] and sum(check["drawn"].values()) == 16
     assert (tmp_path / "loader_check.png").stat().st_size > 1000
