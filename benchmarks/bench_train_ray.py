@@ -68,6 +68,26 @@ def recording_build(marker_dir: str, cfg, device):
     return build_stage1(cfg, device)
 
 
+def op_timings() -> dict[str, float]:
+    """Microseconds per call of three ops the step is made of (2 threads): the same code in a plain process and in
+    a Ray task shows the share of compute a Ray worker loses on this box, apart from anything Ray Train does."""
+    import torch
+
+    torch.manual_seed(0)
+    a, w, h = torch.randn(256, 384), torch.randn(384, 384), torch.randn(32, 64, 256)
+    ops = {"matmul_256x384x384": lambda: a @ w, "softmax_32x64x256": lambda: h.softmax(-1),
+           "layer_norm_32x64x256": lambda: torch.nn.functional.layer_norm(h, (256,))}
+    out = {}
+    for name, op in ops.items():
+        for _ in range(200):
+            op()
+        started = time.perf_counter()
+        for _ in range(3000):
+            op()
+        out[name] = round((time.perf_counter() - started) / 3000 * 1e6, 1)
+    return out
+
+
 def make_shards(root: Path) -> Path:
     synth.run(synth.SynthConfig(split="curated", images=256, seed=0, image_size=IMAGE_SIZE), str(root),
               progress=False)
@@ -160,11 +180,15 @@ def main() -> None:
         tmp = Path(tmp)
         shards = make_shards(tmp / "shapes")
         report_to_ray({})  # the plain process's one-off lazy import of ray.train, outside the timed window
+        train_once("warm-up", shards, tmp, min(steps, 3 * log_every), log_every, workers=0)  # discarded: first
+        # use of the kernels, the allocator and the page cache in this process (it ran ~20% slower than later runs)
         plain = [train_once("plain-1", shards, tmp, steps, log_every, workers=0)]
         started = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False)
         ray_init_s = time.perf_counter() - started
         ones, twos = [], []
+        ops_plain = op_timings()
+        ops_ray = ray.get(ray.remote(num_cpus=2)(op_timings).remote())
         try:
             for i in range(repeats):
                 ones.append(train_once(f"ray-1-{i}", shards, tmp, steps, log_every, workers=1, cpus=2.0))
@@ -196,6 +220,10 @@ def main() -> None:
             "end_to_end_note": "whole `run` wall time, Ray 1 worker / plain (start-up and teardown included; "
                                "ray.init itself is not)",
             "ray_init_s": round(ray_init_s, 2), "ray_shutdown_s": round(ray_shutdown_s, 2),
+            "op_microseconds": {"plain_process": ops_plain, "ray_task": ops_ray,
+                                "ray_over_plain": {k: round(ops_ray[k] / ops_plain[k], 3) for k in ops_plain},
+                                "note": "the same ops (2 threads) timed in this process and in a Ray task while Ray "
+                                        "runs: what a Ray worker loses on this box before Ray Train adds anything"},
             "workers_1_vs_2": {
                 "one_worker": {"samples_per_s": round(one_samples, 2), "torch_threads": ones[0]["torch_threads"]},
                 "two_workers": {"samples_per_s": round(two_samples, 2), "torch_threads": twos[0]["torch_threads"],

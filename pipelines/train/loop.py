@@ -12,6 +12,7 @@ import logging
 from contextlib import nullcontext
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -129,7 +130,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     tracker = open_tracker(cfg, output, rank, world)
     ceiling = matmul_ceiling(device) if rank == 0 else 0.0
-    progress = tqdm(total=cfg.optim.total_steps, initial=step, desc=cfg.stage, disable=rank != 0)
+    # Not a terminal (a Ray worker's stdout goes through Ray's log monitor to the driver; a log file): redraw
+    # every few seconds, not every step, so that printing progress costs the training nothing.
+    progress = tqdm(total=cfg.optim.total_steps, initial=step, desc=cfg.stage, disable=rank != 0,
+                    mininterval=0.1 if sys.stderr.isatty() else 5.0)
     nonfinite, saved_at, last_batch, step_flops, first_metrics, metrics = 0, step, None, None, None, {}
     batches_iter = iter(loader)
     while step < cfg.optim.total_steps:
@@ -156,7 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker.log_metrics(metrics, step=step)
         first_metrics = first_metrics or {"step": step, **metrics}
         progress.update(1)
-        progress.set_postfix(loss=f"{losses['loss']:.3f}")
+        progress.set_postfix(loss=f"{losses['loss']:.3f}", refresh=False)
         if rank == world - 1:
             maybe_fail(cfg, output, step)
         if step % cfg.checkpoint.every == 0 or step == cfg.optim.total_steps:

@@ -13,9 +13,11 @@ def test_help_lists_every_step(capsys):
         assert command in out
 
 
-def test_steps_not_built_yet_say_which_issue():
-    with pytest.raises(NotImplementedError, match="issue 6"):
-        cli.main(["eval", "retrieval"])
+def test_eval_with_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    code = cli.main(["eval", "retrieval", "--checkpoint", str(tmp_path / "nope"), "--shards", str(tmp_path),
+                     "--output", str(tmp_path / "eval")])
+    assert code == 2
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "eval" / "report.json").exists()
 
 
 def test_unknown_command_is_an_error():
