@@ -81,6 +81,7 @@ class TestSample:
     captions: list[str]
     questions: list[dict[str, Any]] = field(default_factory=list)
     scene: str | None = None
+    shard: str = ""
 
 
 def _json_list(value: Any) -> list:
@@ -105,7 +106,7 @@ def load_test_set(shards: str | list[str], max_images: int | None = None) -> tup
             meta = sample["meta"]
             captions = [c for c in _json_list(meta.get("captions")) if isinstance(c, str) and c.strip()]
             samples.append(TestSample(sample["key"], sample["image"], captions or [sample["text"]],
-                                      _json_list(meta.get("questions")), meta.get("scene")))
+                                      _json_list(meta.get("questions")), meta.get("scene"), url))
             if max_images and len(samples) >= max_images:
                 return samples, skipped
     if not samples:
@@ -229,7 +230,7 @@ def evaluate_retrieval(cfg: EvalConfig, output: str) -> dict[str, Any]:
     plots = [_recall_plot(metrics, io.join(output, "retrieval_recall.png")),
              _score_histogram(result, emb, io.join(output, "retrieval_scores.png"))]
     return {"kind": "retrieval", "checkpoint": path, "method": cfg.method, "k": cfg.k,
-            "images": len(samples), "texts": int(emb.text_feats.shape[0]), "skipped_samples": skipped.total,
+            "images": len(samples), "texts": int(emb.text_feats.shape[0]), "skipped_samples": skipped.total(),
             "skipped": dict(skipped.counts), "metrics": metrics, "itm_pairs": result.itm_pairs,
             "seconds": {"embed": round(embed_seconds, 3), "retrieval": round(seconds, 3),
                         **{k: round(v, 3) for k, v in result.seconds.items()}},
@@ -273,7 +274,7 @@ def evaluate_caption(cfg: EvalConfig, output: str) -> dict[str, Any]:
         metrics["accuracy"] = float(np.mean([check(predictions[s.key], s.scene) for s in scored]))
     examples = [{"key": s.key, "generated": predictions[s.key], "references": s.captions[:2]} for s in samples[:20]]
     _write_json(io.join(output, "caption_predictions.json"), predictions)
-    return {"kind": "caption", "checkpoint": path, "images": len(samples), "skipped_samples": skipped.total,
+    return {"kind": "caption", "checkpoint": path, "images": len(samples), "skipped_samples": skipped.total(),
             "skipped": dict(skipped.counts), "metrics": metrics, "tokenizer": scores["tokenizer"],
             "spice_note": scores.get("spice_note"), "examples": examples,
             "settings": {"prompt": cfg.prompt, "num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens,
@@ -309,7 +310,7 @@ def evaluate_vqa(cfg: EvalConfig, output: str) -> dict[str, Any]:
                **{f"accuracy_{t}": float(np.mean(v)) for t, v in sorted(per_type.items())}}
     _write_json(io.join(output, "vqa_answers.json"), records)
     return {"kind": "vqa", "checkpoint": path, "images": len(samples), "questions": len(records),
-            "skipped_samples": skipped.total, "skipped": dict(skipped.counts), "metrics": metrics,
+            "skipped_samples": skipped.total(), "skipped": dict(skipped.counts), "metrics": metrics,
             "per_type_counts": {t: len(v) for t, v in sorted(per_type.items())}, "examples": records[:20]}
 
 
