@@ -11,6 +11,8 @@ The forward is ours, written for the three stage-1 passes:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,17 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2T
 from blip2.config import QFormerConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, heads, T, head_dim) each
+
+
+@dataclass
+class SharedImageKV:
+    """Cross-attention keys/values of G images, each shared by a run of consecutive rows of the batch (rows
+    counts[0] use image 0, the next counts[1] image 1, ...): retrieval's ITM pairs, grouped by image. The rows
+    of one image attend as one longer query block, so no per-row copy of the image's keys/values is made."""
+
+    key: torch.Tensor  # (G, heads, T, head_dim)
+    value: torch.Tensor
+    counts: list[int]
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -171,9 +184,22 @@ class QFormer(nn.Module):
         q = self._split(attention.query(hidden))
         return block.output(self._attend(q, keys, values, mask), hidden), (k, v)
 
-    def _cross_attention(self, block, queries: torch.Tensor, kv: KV) -> torch.Tensor:
-        q = self._split(block.attention.query(queries))
+    def _cross_attention(self, block, queries: torch.Tensor, kv: KV | SharedImageKV) -> torch.Tensor:
+        q = self._split(block.attention.query(queries))  # (B, H, Q, d)
+        if isinstance(kv, SharedImageKV):
+            return block.output(self._merge(self._attend_shared(q, kv)), queries)
         return block.output(self._attend(q, kv[0], kv[1], None), queries)
+
+    def _attend_shared(self, q: torch.Tensor, kv: SharedImageKV) -> torch.Tensor:
+        """Inference: each image's rows as one (1, H, n*Q, d) block against its keys/values. -> (B, H, Q, d)"""
+        _, heads, length, dim = q.shape
+        out, start = [], 0
+        for g, n in enumerate(kv.counts):
+            block = q[start:start + n].transpose(0, 1).reshape(1, heads, n * length, dim)
+            att = F.scaled_dot_product_attention(block, kv.key[g:g + 1], kv.value[g:g + 1])
+            out.append(att.reshape(heads, n, length, dim).transpose(0, 1))
+            start += n
+        return torch.cat(out)
 
 
 def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:

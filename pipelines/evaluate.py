@@ -51,7 +51,7 @@ class EvalConfig(StepConfig):
     k: int = Field(128, ge=1, description="ITC candidates per row reranked by ITM")
     method: Literal["faiss", "row_by_row"] = Field("faiss", description="faiss: ours; row_by_row: the reference")
     max_text_length: int = Field(35, ge=4)
-    itm_batch_size: int = Field(512, ge=1)
+    itm_batch_size: int | None = Field(None, ge=1, description="ITM pairs per batch; None: sized to the model")
     image_chunk: int = Field(256, ge=1, description="images whose cross-attention keys/values are held at once")
     # captioning (SPEC: "a photo of", beam 5, max 30, min 8)
     prompt: str = "a photo of"

@@ -162,30 +162,45 @@ def itc_topk_exact(image_feats: torch.Tensor, text_feats: torch.Tensor, k: int) 
 
 
 # -------------------------------------------------------------------------------------------- ITM
-def itm_pair_scores(model, emb: Embeddings, images: np.ndarray, texts: np.ndarray, batch_size: int = 512,
+def auto_batch_size(model, emb: Embeddings, activation_floats: int = 1 << 20) -> int:
+    """Pairs per ITM batch whose hidden states ((Q + L) x hidden) hold about `activation_floats` floats: large
+    enough to amortise per-op costs, small enough to stay in cache (bigger batches ran slower on CPU)."""
+    rows = model.query_tokens.shape[1] + emb.text_ids.shape[1]
+    return max(8, activation_floats // (rows * model.cfg.qformer.hidden_size))
+
+
+def itm_pair_scores(model, emb: Embeddings, images: np.ndarray, texts: np.ndarray, batch_size: int | None = None,
                     image_chunk: int = 256, progress: bool = False) -> np.ndarray:
-    """ITM class-1 logit (mean over queries) of the pairs (images[p], texts[p]), batched. Pairs are processed
-    grouped by image: each chunk of images gets its cross-attention keys/values once, and every pair indexes
-    them instead of recomputing them. Returns scores in the input order."""
-    order = np.lexsort((texts, images))
+    """ITM class-1 logit (mean over queries) of the pairs (images[p], texts[p]), batched. Pairs go by image
+    (each image has ~6k pairs: its k texts and the texts that list it), and within an image by text length:
+    an image's cross-attention keys/values are computed once per chunk of images and shared by its pairs
+    without copies (`SharedImageKV`: its pairs' query rows attend as one block), and a batch is padded only to
+    its own longest text (the reference pads every text to max_length 35). Returns scores in input order."""
+    from blip2.qformer import SharedImageKV
+
+    batch_size = batch_size or auto_batch_size(model, emb)
+    lengths = emb.text_mask.sum(1).cpu().numpy()
+    order = np.lexsort((texts, lengths[texts], images))
+    sorted_images = images[order]
     out = np.empty(len(images), dtype=np.float32)
     bar = tqdm(total=len(images), desc="ITM pairs", disable=not progress, mininterval=1.0)
     with torch.inference_mode():
         for first in range(0, emb.image_embeds.shape[0], image_chunk):
-            lo, hi = np.searchsorted(images[order], [first, first + image_chunk])
+            lo, hi = np.searchsorted(sorted_images, [first, first + image_chunk])
             if lo == hi:
                 continue
             chunk_kv = model.qformer.image_kv(emb.image_embeds[first:first + image_chunk])
             for start in range(lo, hi, batch_size):
                 rows = order[start:min(start + batch_size, hi)]
-                local = torch.from_numpy(images[rows] - first)
-                kv = [None if kv is None else (kv[0].index_select(0, local), kv[1].index_select(0, local))
-                      for kv in chunk_kv]
-                text_rows = torch.from_numpy(texts[rows])
+                groups, counts = np.unique(sorted_images[start:start + len(rows)] - first, return_counts=True)
+                index = torch.from_numpy(groups).to(emb.image_embeds.device)
+                kv = [None if kv is None else SharedImageKV(kv[0].index_select(0, index), kv[1].index_select(0, index),
+                                                            counts.tolist()) for kv in chunk_kv]
+                text_rows = torch.from_numpy(texts[rows]).to(emb.text_ids.device)
                 mask = emb.text_mask.index_select(0, text_rows)
                 length = int(mask.sum(1).max())
                 ids = emb.text_ids.index_select(0, text_rows)[:, :length]
-                out[rows] = model.itm_pass(kv, ids, mask[:, :length])[:, 1].float().numpy()
+                out[rows] = model.itm_pass(kv, ids, mask[:, :length])[:, 1].float().cpu().numpy()
                 bar.update(len(rows))
     bar.close()
     return out
@@ -196,7 +211,7 @@ def rerank(itc: Candidates, itm: np.ndarray) -> Candidates:
     return _order(itc.ids, itc.scores + itm.reshape(itc.ids.shape), itc.ids.shape[1])
 
 
-def retrieve(model, emb: Embeddings, k: int = 128, batch_size: int = 512, image_chunk: int = 256,
+def retrieve(model, emb: Embeddings, k: int = 128, batch_size: int | None = None, image_chunk: int = 256,
              use_gpu: bool | None = None, progress: bool = False) -> RetrievalResult:
     """Ours: FAISS first stage, one batched ITM pass over the distinct candidate pairs of both directions."""
     seconds = {}
