@@ -3,7 +3,8 @@
 shapes world (curated / web / test) -> local HTTP server with injected faults -> img2dataset
 download into webdataset shards -> offline stand-ins trained on the curated split (tiny CLIP, BLIP
 captioner, OPT, T5) -> CapFilt on the web split -> training-loader check -> stage 1 (frozen stand-in
-CLIP image tower) and stage 2 (frozen stand-in OPT) on Ray Train. Everything lives under one run root
+CLIP image tower) and stage 2 (frozen stand-in OPT) on Ray Train -> retrieval, caption and VQA evaluation
+on the test split -> a FAISS index of the curated split. Everything lives under one run root
 (default runs/demo); `summary.json` there gets one object per step; MLflow in `<run root>/mlflow.db`.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from pydantic import Field
 
-from pipelines import capfilt, download, foundation, runroot, train_stage1, train_stage2
+from pipelines import capfilt, download, evaluate, foundation, index, runroot, train_stage1, train_stage2
 from pipelines.config import StepConfig, load_config
 from pipelines.data.check import check_loader
 from pipelines.data.loader import LoaderConfig, SourceConfig
@@ -52,6 +53,8 @@ class DemoConfig(StepConfig):
     stage2_steps: int = Field(100, gt=0)
     train_batch_size: int = Field(16, gt=0, description="per worker")
     model_image_size: int = Field(64, gt=0, description="the stand-in models' input size (patch 8)")
+    eval_k: int = Field(128, ge=1, description="retrieval: ITC candidates reranked by ITM")
+    caption_prompt: str = Field("", description="captioning prompt (the demo's stage 2 trains without one)")
 
 
 def server_port(preferred: int) -> int:
@@ -134,7 +137,34 @@ def run(cfg: DemoConfig, run_root: str) -> dict[str, Any]:
     runroot.update_summary(str(root), "train_stage1", training_summary(stage1))
     stage2 = train_stage2.run(train_config(cfg, root, sources, models, "stage2", init_from=stage1["checkpoint"]),
                               str(root / "stage2"))
-    return runroot.update_summary(str(root), "train_stage2", training_summary(stage2))
+    runroot.update_summary(str(root), "train_stage2", training_summary(stage2))
+    return evaluate_and_index(cfg, root, raw_dir)
+
+
+def evaluate_and_index(cfg: DemoConfig, root: Path, raw_dir: Path) -> dict[str, Any]:
+    """Retrieval on the test split (stage 1), captioning and VQA (stage 2), and a FAISS index of the curated split."""
+    tracking = f"sqlite:///{root}/mlflow.db"
+    base = {"shards": str(raw_dir / "test"), "tracking_uri": tracking, "experiment": "blip2-demo"}
+    retrieval = evaluate.run("retrieval", evaluate.EvalConfig(checkpoint=str(root / "stage1"), k=cfg.eval_k, **base),
+                             str(root / "eval"))
+    keys = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean", "chance_r1")
+    runroot.update_summary(str(root), "retrieval", {**{k: round(retrieval["metrics"][k], 2) for k in keys},
+                                                    "images": retrieval["images"], "texts": retrieval["texts"],
+                                                    "seconds": retrieval["wall_seconds"]})
+    stage2 = evaluate.EvalConfig(checkpoint=str(root / "stage2"), prompt=cfg.caption_prompt, min_new_tokens=2, **base)
+    caption = evaluate.run("caption", stage2, str(root / "eval"))
+    runroot.update_summary(str(root), "caption", {"cider": round(caption["metrics"]["cider"], 4),
+                                                  "accuracy": round(caption["metrics"]["accuracy"], 4),
+                                                  "examples": caption["examples"][:3]})
+    vqa = evaluate.run("vqa", stage2, str(root / "eval"))
+    runroot.update_summary(str(root), "vqa", {k: round(v, 4) for k, v in vqa["metrics"].items()})
+    built = index.build(index.IndexConfig(checkpoint=str(root / "stage1"), shards=str(raw_dir / "curated")),
+                        str(root / "index"))
+    hits = index.query(str(root / "index"), text="a red circle on the left", k=8)
+    gallery = index.gallery(hits, "a red circle on the left", str(root / "index" / "gallery.html"))
+    return runroot.update_summary(str(root), "index", {k: built[k] for k in ("images", "vectors", "index_type",
+                                                                       "recall_at_10", "build_seconds")}
+                           | {"path": str(root / "index"), "gallery": gallery})
 
 
 def capfilt_summary(result: capfilt.CapfiltResult) -> dict[str, Any]:
@@ -197,6 +227,15 @@ def print_summary(summary: dict[str, Any], run_root: str) -> None:
         t = summary[stage]
         print(f"== {stage}: {t['steps']} steps in {t['seconds']} s, loss {t['first'].get('loss')} -> "
               f"{t['last'].get('loss')} ({t['last']}); checkpoint {t['checkpoint']}")
+    r = summary["retrieval"]
+    print(f"== retrieval ({r['images']} test images, {r['texts']} captions): image->text R@1/5/10 {r['txt_r1']:.1f}/"
+          f"{r['txt_r5']:.1f}/{r['txt_r10']:.1f}, text->image {r['img_r1']:.1f}/{r['img_r5']:.1f}/{r['img_r10']:.1f}"
+          f" (chance R@1 {r['chance_r1']:.1f})")
+    print(f"== caption: CIDEr {summary['caption']['cider']:.3f}, checker accuracy {summary['caption']['accuracy']:.1%};"
+          f" VQA accuracy {summary['vqa']['accuracy']:.1%}")
+    ix = summary["index"]
+    print(f"== index: {ix['images']} images ({ix['index_type']}, recall@10 {ix['recall_at_10']:.2f}) at {ix['path']};"
+          f" gallery {ix['gallery']}")
     print(f"== summary: {Path(run_root) / runroot.SUMMARY}")
     print(f"== MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///{Path(run_root).resolve()}/mlflow.db "
           "--host 127.0.0.1 --port 5000")

@@ -14,7 +14,7 @@ SMALL = ["curated_images=40", "web_images=40", "test_images=10", "loader_batches
          "stage2_steps=3", "train_batch_size=8", "foundation.held_out=8", "foundation.views=0",
          "foundation.clip.steps=10", "foundation.clip.region_steps=5", "foundation.clip.batch=16",
          "foundation.captioner.steps=10", "foundation.captioner.batch=8", "foundation.captioner.samples=2",
-         "foundation.opt.steps=5", "foundation.t5.steps=5", "capfilt.num_captions=3", "capfilt.max_new_tokens=12"]
+         "foundation.opt.steps=5", "foundation.t5.steps=5", "capfilt.num_captions=3", "capfilt.max_new_tokens=12", "eval_k=16"]
 
 
 def free_port() -> int:
@@ -57,6 +57,15 @@ def test_demo_writes_the_summary_and_resumes(tmp_path):
     assert summary["train_stage1"]["steps"] == 4 and summary["train_stage2"]["steps"] == 3
     assert set(summary["train_stage1"]["last"]) == {"loss", "loss_itc", "loss_itm", "loss_itg"}
     assert (tmp_path / "mlflow.db").exists() and "mlflow ui" in out
+    retrieval = summary["retrieval"]
+    test_images = download["splits"]["test"]["succeeded"]
+    assert retrieval["images"] == test_images and retrieval["chance_r1"] == pytest.approx(100 / test_images, abs=0.01)
+    assert {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"} <= set(retrieval)
+    assert 0 <= summary["caption"]["accuracy"] <= 1 and summary["caption"]["cider"] >= 0
+    assert 0 <= summary["vqa"]["accuracy"] <= 1
+    assert summary["index"]["images"] == download["splits"]["curated"]["succeeded"]
+    assert (tmp_path / "index" / "index.faiss").exists() and (tmp_path / "index" / "gallery.html").exists()
+    assert (tmp_path / "eval" / "report.json").exists() and "== retrieval" in out
 
     out_again, _ = run_demo(tmp_path, port)  # every download step is already done: recorded results come back
     again = json.loads((tmp_path / "summary.json").read_text())["download"]
