@@ -13,7 +13,7 @@ the candidates' images and reorders them by ITM logit + ITC cosine.
 The index folder holds `index.faiss`, `ids.parquet` (row, key, caption, shard) and `meta.json` (checkpoint,
 model, index type and parameters, recall@10 against exact search measured on a sample of the corpus' own
 captions, shards indexed). The index type follows corpus size and memory budget unless given:
-exact (Flat) for small corpora, HNSW when the full vectors fit the budget, IVF-PQ with an SQ8 refine
+exact (Flat) for small corpora, HNSW when the full vectors fit the budget, IVF-PQ with an fp16 refine
 (OPQ rotation for wide vectors) above; its search parameters are the cheapest that reach `target_recall`.
 """
 from __future__ import annotations
@@ -71,11 +71,11 @@ def factory_string(kind: str, vectors: int, dim: int) -> tuple[str, dict[str, in
     if kind == "hnsw":
         return "HNSW32,Flat", {"M": 32}
     nlist = int(min(max(16, 4 * np.sqrt(vectors)), vectors // 39))
-    m = max(1, dim // 4)
+    m = max(1, min(64, dim // 2))  # 2 dimensions per sub-quantizer (at most 64 bytes a vector), then the refine
     while dim % m:
         m -= 1
     rotation = f"OPQ{m}," if dim >= 128 else ""
-    return f"{rotation}IVF{nlist},PQ{m},Refine(SQ8)", {"nlist": nlist, "pq_m": m}
+    return f"{rotation}IVF{nlist},PQ{m},Refine(SQfp16)", {"nlist": nlist, "pq_m": m}
 
 
 def _new_index(kind: str, vectors: np.ndarray, seed: int):

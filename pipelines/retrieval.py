@@ -162,6 +162,15 @@ def itc_topk_exact(image_feats: torch.Tensor, text_feats: torch.Tensor, k: int) 
 
 
 # -------------------------------------------------------------------------------------------- ITM
+LENGTH_BUCKET = 4  # texts whose lengths differ by less than this share batches (padding <= 3 tokens)
+
+
+def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of equal consecutive values: (value, start, length) of each run."""
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+    return values[starts], starts, np.diff(np.r_[starts, len(values)])
+
+
 def auto_batch_size(model, emb: Embeddings, activation_floats: int = 1 << 20) -> int:
     """Pairs per ITM batch whose hidden states ((Q + L) x hidden) hold about `activation_floats` floats: large
     enough to amortise per-op costs, small enough to stay in cache (bigger batches ran slower on CPU)."""
@@ -171,28 +180,29 @@ def auto_batch_size(model, emb: Embeddings, activation_floats: int = 1 << 20) ->
 
 def itm_pair_scores(model, emb: Embeddings, images: np.ndarray, texts: np.ndarray, batch_size: int | None = None,
                     image_chunk: int = 256, progress: bool = False) -> np.ndarray:
-    """ITM class-1 logit (mean over queries) of the pairs (images[p], texts[p]), batched. Pairs go by image
-    (each image has ~6k pairs: its k texts and the texts that list it), and within an image by text length:
-    an image's cross-attention keys/values are computed once per chunk of images and shared by its pairs
-    without copies (`SharedImageKV`: its pairs' query rows attend as one block), and a batch is padded only to
-    its own longest text (the reference pads every text to max_length 35). Returns scores in input order."""
+    """ITM class-1 logit (mean over queries) of the pairs (images[p], texts[p]), batched. Per chunk of images
+    the cross-attention keys/values are computed once; the chunk's pairs go by text-length bucket, then by
+    image, so a batch is padded only to its own longest text (the reference pads every text to max_length
+    35) and holds runs of pairs of one image, which share that image's keys/values without copies
+    (`SharedImageKV`: a run's query rows attend as one block). Returns scores in input order."""
     from blip2.qformer import SharedImageKV
 
     batch_size = batch_size or auto_batch_size(model, emb)
     lengths = emb.text_mask.sum(1).cpu().numpy()
-    order = np.lexsort((texts, lengths[texts], images))
-    sorted_images = images[order]
+    chunks = images // image_chunk
+    order = np.lexsort((texts, images, lengths[texts] // LENGTH_BUCKET, chunks))
+    sorted_images, sorted_chunks = images[order], chunks[order]
     out = np.empty(len(images), dtype=np.float32)
     bar = tqdm(total=len(images), desc="ITM pairs", disable=not progress, mininterval=1.0)
     with torch.inference_mode():
         for first in range(0, emb.image_embeds.shape[0], image_chunk):
-            lo, hi = np.searchsorted(sorted_images, [first, first + image_chunk])
+            lo, hi = np.searchsorted(sorted_chunks, [first // image_chunk, first // image_chunk + 1])
             if lo == hi:
                 continue
             chunk_kv = model.qformer.image_kv(emb.image_embeds[first:first + image_chunk])
             for start in range(lo, hi, batch_size):
                 rows = order[start:min(start + batch_size, hi)]
-                groups, counts = np.unique(sorted_images[start:start + len(rows)] - first, return_counts=True)
+                groups, starts, counts = _runs(sorted_images[start:start + len(rows)] - first)
                 index = torch.from_numpy(groups).to(emb.image_embeds.device)
                 kv = [None if kv is None else SharedImageKV(kv[0].index_select(0, index), kv[1].index_select(0, index),
                                                             counts.tolist()) for kv in chunk_kv]

@@ -38,7 +38,7 @@ def test_ivf_pq_reaches_the_recall_target_at_its_tuned_parameters():
     ivf, description, params = index._new_index("ivf_pq", vectors, seed=0)
     ivf.add(vectors)
     search, recall = index.tune(ivf, "ivf_pq", vectors, queries, target=0.95)
-    assert "PQ8" in description and recall >= 0.95, (search, recall)
+    assert "PQ16" in description and recall >= 0.95, (search, recall)
     # the recall holds on fresh queries with the chosen parameters
     import faiss
 
