@@ -48,8 +48,17 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     data = cfg.data.model_copy(update={"sources": [s.model_copy(update={"shards": absolute(s.shards)})
                                                    for s in cfg.data.sources]})
     init = cfg.model.init_from
-    model = cfg.model.model_copy(update={"init_from": absolute(init) if init else None})
+    model = cfg.model.model_copy(update={"init_from": stage1_checkpoint(absolute(init)) if init else None})
     return cfg.model_copy(update={"data": data, "model": model})
+
+
+def stage1_checkpoint(init: str) -> str:
+    """`model.init_from` as given when it is a checkpoint directory; for a stage-1 training output, its latest
+    complete checkpoint."""
+    if io.exists(io.join(init, "model.safetensors")):
+        return init
+    found = storage.latest(init) if io.exists(init) else None
+    return found[1] if found else init
 
 
 def run(cfg: TrainConfig, output_uri: str, build_stage: BuildStage) -> dict[str, Any]:

@@ -1,0 +1,174 @@
+"""Named pipeline profiles: a profile turns a few knobs and a run root into a full `PipelineConfig`.
+
+- `demo`: the shapes world on this 2-core box (`make demo`), every model a locally trained stand-in.
+- `tiny`: the same at the smallest size that still runs every step (tests, the orchestration benchmark).
+- `vitg-opt2.7b`, `vitg-flant5xl`: the paper's settings (SPEC section 5) for a GPU cluster: real URL lists
+  under `<run root>/urls/<source>.parquet`, EVA-CLIP ViT-g, OPT-2.7B or FlanT5-XL, BLIP-large + CLIP
+  ViT-L/14 for CapFilt, 16 GPU workers.
+
+Any field of the result can then be changed with dotted overrides (`stage1.optim.total_steps=500`).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from pydantic import Field
+
+from pipelines import io
+from pipelines.config import ConfigError, StepConfig, deep_merge, parse_overrides
+from pipelines.pipeline import STAND_IN, PipelineConfig
+from pipelines.serve import FaultConfig
+
+PROFILES = ("demo", "tiny", "vitg-opt2.7b", "vitg-flant5xl")
+SHAPES_SPLITS = ("curated", "web", "test")
+
+
+class DemoConfig(StepConfig):
+    """The knobs of the shapes-world profiles (`blip2 demo` takes them as dotted overrides)."""
+
+    seed: int = 0
+    curated_images: int = Field(1000, gt=0)
+    web_images: int = Field(1000, gt=0)
+    test_images: int = Field(200, gt=0)
+    noise_rate: float = Field(0.4, ge=0, le=1)
+    synth_image_size: int = 128
+    image_size: int = Field(96, gt=0, description="size img2dataset resizes to")
+    port: int = Field(8765, ge=0, description="the image server's port on 127.0.0.1 (0: any free port)")
+    faults: FaultConfig = FaultConfig(not_found=0.03, corrupt=0.02, slow=0.004, rate_limited=0.03,
+                                      slow_seconds=6.0, seed=0)
+    download_timeout: int = 3
+    loader_batches: int = 3
+    loader_batch_size: int = 16
+    foundation: dict[str, Any] = Field(default_factory=dict, description="FoundationConfig overrides")
+    capfilt: dict[str, Any] | None = Field(default_factory=dict, description="CapfiltConfig overrides; None: no CapFilt")
+    train_workers: int = Field(2, ge=0, description="Ray Train workers (0: one plain process)")
+    stage1_steps: int = Field(150, gt=0)
+    stage2_steps: int = Field(100, gt=0)
+    train_batch_size: int = Field(16, gt=0, description="per worker")
+    stage1_lr: float = Field(1e-3, gt=0)
+    stage2_lr: float = Field(5e-4, gt=0)
+    model_image_size: int = Field(64, gt=0, description="the stand-in models' input size (patch 8)")
+    eval_k: int = Field(128, ge=1, description="retrieval: ITC candidates reranked by ITM")
+    caption_prompt: str = Field("", description="captioning prompt (the demo's stage 2 trains without one)")
+    experiment: str = "blip2-demo"
+
+
+# The `tiny` profile: every step at its smallest (about 2-3 minutes here).
+TINY = {"curated_images": 40, "web_images": 40, "test_images": 10, "loader_batches": 2, "loader_batch_size": 8,
+        "faults": {"slow": 0, "not_found": 0.1, "corrupt": 0.05}, "train_workers": 0, "stage1_steps": 4,
+        "stage2_steps": 3, "train_batch_size": 8,
+        "foundation": {"held_out": 8, "views": 0, "clip": {"steps": 10, "region_steps": 5, "batch": 16},
+                       "captioner": {"steps": 10, "batch": 8, "samples": 2}, "opt": {"steps": 5}, "t5": {"steps": 5}},
+        "capfilt": {"num_captions": 3, "max_new_tokens": 12}, "eval_k": 16, "experiment": "blip2-tiny"}
+
+
+def shapes_profile(knobs: DemoConfig, run_root: str, name: str = "demo") -> PipelineConfig:
+    """The shapes world: generated, served with faults, downloaded, stand-ins trained on the curated split,
+    CapFilt on the web split, both stages on curated + (CapFilt-ed) web, evaluation on test, index of curated."""
+    root = io.local_path(run_root) if "://" not in run_root else run_root
+    raw = lambda split: io.join(root, "raw", split)  # noqa: E731
+    web = io.join(root, "capfilt") if knobs.capfilt is not None else raw("web")
+    sources = [{"name": "curated", "shards": raw("curated")}, {"name": "web", "shards": web}]
+    return PipelineConfig.model_validate({
+        "profile": name, "run_root": root, "experiment": knobs.experiment,
+        "world": {"seed": knobs.seed, "images": {"curated": knobs.curated_images, "web": knobs.web_images,
+                                                 "test": knobs.test_images},
+                  "noise_rate": knobs.noise_rate, "image_size": knobs.synth_image_size, "port": knobs.port,
+                  "faults": knobs.faults.model_dump()},
+        "downloads": {split: {"url_list": io.join(root, "data", split, f"{split}.parquet"),
+                              "image_size": knobs.image_size, "timeout": knobs.download_timeout,
+                              "number_sample_per_shard": 250} for split in SHAPES_SPLITS},
+        "foundation": deep_merge({"curated": raw("curated"), "image_size": knobs.model_image_size,
+                                  "seed": knobs.seed}, knobs.foundation),
+        "capfilt": None if knobs.capfilt is None else deep_merge(
+            {"shards": raw("web"), "captioner": STAND_IN, "ranker": STAND_IN, "seed": knobs.seed}, knobs.capfilt),
+        "loader_check": {"batches": knobs.loader_batches,
+                         "loader": {"sources": sources, "image_size": knobs.image_size,
+                                    "batch_size": knobs.loader_batch_size, "shuffle_buffer": 200, "num_workers": 2,
+                                    "seed": knobs.seed}},
+        "stage1": shapes_training(knobs, sources, "stage1"),
+        "stage2": shapes_training(knobs, sources, "stage2", init_from=io.join(root, "stage1")),
+        "retrieval": {"checkpoint": io.join(root, "stage1"), "shards": raw("test"), "k": knobs.eval_k},
+        "generation": {"checkpoint": io.join(root, "stage2"), "shards": raw("test"), "prompt": knobs.caption_prompt,
+                       "min_new_tokens": 2},
+        "index": {"checkpoint": io.join(root, "stage1"), "shards": raw("curated")},
+    })
+
+
+def shapes_training(knobs: DemoConfig, sources: list[dict], stage: str, init_from: str | None = None) -> dict:
+    """The tiny Q-Former over the stand-in CLIP's image tower (stage 2: into the stand-in OPT)."""
+    steps = knobs.stage1_steps if stage == "stage1" else knobs.stage2_steps
+    return {
+        "stage": stage,
+        "model": {"preset": "tiny", "vision": {"name": STAND_IN}, "llm": {"name": STAND_IN, "kind": "opt"},
+                  "init_from": init_from},
+        "data": {"sources": sources, "image_size": knobs.model_image_size, "batch_size": knobs.train_batch_size,
+                 "shuffle_buffer": 200, "num_workers": 0, "seed": knobs.seed},
+        "optim": {"lr": knobs.stage1_lr if stage == "stage1" else knobs.stage2_lr, "min_lr": 1e-4,
+                  "warmup_steps": max(1, steps // 10), "total_steps": steps},
+        "scaling": {"workers": knobs.train_workers},
+        "checkpoint": {"every": max(1, steps // 3)},
+        "tracking": {"experiment": knobs.experiment},
+        "seed": knobs.seed, "max_text_length": 32, "log_every": 25,
+    }
+
+
+# The paper's pretraining sources (SPEC section 5): human-annotated ones kept as they are, web ones CapFilt-ed.
+PAPER_CLEAN = ("coco", "vg")
+PAPER_WEB = ("cc3m", "cc12m", "sbu", "laion400m")
+
+
+def paper_profile(preset: str, run_root: str) -> PipelineConfig:
+    """SPEC section 5 on a GPU cluster: 16 workers; global batch 1680 (stage 1, ViT-g), 1920 (OPT) or 1520
+    (FlanT5) in stage 2; 250k + 80k steps; lr 1e-4 with 2000 warmup steps to 1e-5 / 5e-5."""
+    raw = lambda split: io.join(run_root, "raw", split)  # noqa: E731
+    workers = 16
+    downloads = {source: {"url_list": io.join(run_root, "urls", f"{source}.parquet"), "preset": source,
+                          "distributor": "ray"} for source in (*PAPER_CLEAN, *PAPER_WEB)}
+    downloads["coco_test"] = {"url_list": io.join(run_root, "urls", "coco_test.parquet"), "preset": "coco"}
+    sources = [{"name": s, "shards": raw(s)} for s in PAPER_CLEAN] + [{"name": "web", "shards": io.join(run_root,
+                                                                                                           "capfilt")}]
+    llm_batch = 1920 if "opt" in preset else 1520
+
+    def training(stage: str, batch: int, steps: int, min_lr: float, init_from: str | None) -> dict:
+        return {"stage": stage, "model": {"preset": preset, "tokenizer": "bert-base-uncased", "init_from": init_from},
+                "data": {"sources": sources, "image_size": 224, "batch_size": batch // workers, "num_workers": 4},
+                "optim": {"lr": 1e-4, "min_lr": min_lr, "warmup_steps": 2000, "total_steps": steps},
+                "scaling": {"workers": workers, "use_gpu": True, "cpus_per_worker": 8},
+                "checkpoint": {"every": 5000}, "tracking": {"experiment": f"blip2-{preset}"}, "log_every": 50}
+
+    return PipelineConfig.model_validate({
+        "profile": preset, "run_root": run_root, "experiment": f"blip2-{preset}",
+        "downloads": downloads,
+        "capfilt": {"shards": [raw(s) for s in PAPER_WEB], "captioner": "Salesforce/blip-image-captioning-large",
+                    "ranker": "ViT-L-14-quickgelu", "ranker_weights": "openai", "executor": "ray", "ray_actors": 8},
+        "stage1": training("stage1", 1680, 250_000, 1e-5, None),
+        "stage2": training("stage2", llm_batch, 80_000, 5e-5, io.join(run_root, "stage1")),
+        "retrieval": {"checkpoint": io.join(run_root, "stage1"), "shards": raw("coco_test"),
+                      "tokenizer": "bert-base-uncased"},
+        "generation": {"checkpoint": io.join(run_root, "stage2"), "shards": raw("coco_test")},
+        "index": {"checkpoint": io.join(run_root, "stage1"), "shards": raw("coco"), "tokenizer": "bert-base-uncased"},
+        "index_query": "a dog catching a frisbee on the beach",
+    })
+
+
+def build_profile(name: str, run_root: str, overrides: Sequence[str] = (),
+                  knobs: dict[str, Any] | None = None) -> PipelineConfig:
+    """Profile `name` under `run_root`, then dotted overrides on the resulting PipelineConfig. `knobs`: DemoConfig
+    fields for the shapes-world profiles (demo, tiny)."""
+    if name in ("demo", "tiny"):
+        base = TINY if name == "tiny" else {}
+        cfg = shapes_profile(DemoConfig.model_validate(deep_merge(base, knobs or {})), run_root, name)
+    elif name in ("vitg-opt2.7b", "vitg-flant5xl"):
+        if knobs:
+            raise ConfigError(f"profile {name!r}: knobs {sorted(knobs)} apply to the shapes-world profiles only")
+        cfg = paper_profile(name, run_root)
+    else:
+        raise ConfigError(f"profile {name!r}: expected one of {', '.join(PROFILES)}")
+    if not overrides:
+        return cfg
+    merged = deep_merge(cfg.model_dump(mode="json"), parse_overrides(overrides))
+    try:
+        return PipelineConfig.model_validate(merged)
+    except Exception as err:
+        raise ConfigError(f"profile {name!r} with overrides {list(overrides)}: {err}") from None
