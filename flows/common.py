@@ -16,6 +16,7 @@ def prefect_environment() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
         os.environ["PREFECT_HOME"] = os.path.abspath(os.path.join("runs", ".prefect"))
+        os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
 
 
 def cache_policy(key: str, where: str):

@@ -94,11 +94,12 @@ def _run_of(part: dict[str, Any]) -> str | None:
 @flow(name="full-pretrain", log_prints=True, validate_parameters=True)
 def full_pretrain(profile: str = "demo", run_root: str = "runs/demo", overrides: list[str] | None = None,
                   knobs: dict[str, Any] | None = None, config: PipelineConfig | None = None,
-                  refresh: bool = False) -> dict[str, Any]:
+                  refresh: bool = False, step_retries: int | None = None) -> dict[str, Any]:
     """The whole pipeline. `profile` (demo, tiny, vitg-opt2.7b, vitg-flant5xl) under `run_root`, changed by
     `knobs` (the shapes-world profiles' DemoConfig fields) and dotted `overrides` of the resulting config; or a
     complete `config`. `refresh=True` runs every step again (the steps themselves still reuse finished outputs
-    where their own records match)."""
+    where their own records match). `step_retries`: retries of every step (None: per-step defaults, e.g. 2 for
+    the download, 1 for training, which resumes from its last checkpoint)."""
     logger = get_run_logger()
     cfg = config or build_profile(profile, os.path.abspath(run_root) if "://" not in run_root else run_root,
                                   overrides or [], knobs)
@@ -115,7 +116,7 @@ def full_pretrain(profile: str = "demo", run_root: str = "runs/demo", overrides:
                 continue
             step_task = run_step.with_options(
                 cache_policy=cache_policy(step_key(name, cfg), cfg.path(CACHE_DIR[name], ".prefect-cache")),
-                retries=RETRIES[name], retry_delay_seconds=5, refresh_cache=refresh)
+                retries=RETRIES[name] if step_retries is None else step_retries, retry_delay_seconds=5, refresh_cache=refresh)
             part = step_task(name, cfg, parent)
             for key, value in part.items():
                 summary = runroot.update_summary(cfg.run_root, key, value)

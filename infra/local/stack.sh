@@ -43,7 +43,7 @@ ray_alive() { "$BIN/ray" status --address "$RAY_ADDRESS" >/dev/null 2>&1; }
 
 wait_for() {  # wait_for NAME URL SECONDS
     local name="$1" url="$2" limit="$3" waited=0
-    until curl -fsS -o /dev/null "$url"; do
+    until curl -fs -o /dev/null "$url"; do
         if ! alive "$name"; then echo "stack: $name exited while starting; see $LOGS/$name.log" >&2; tail -20 "$LOGS/$name.log" >&2; return 1; fi
         (( waited++ >= limit )) && { echo "stack: $name not answering at $url after ${limit}s; see $LOGS/$name.log" >&2; return 1; }
         sleep 1
@@ -63,7 +63,7 @@ write_env() {
 # source this file to talk to the local stack
 export PREFECT_HOME="$PREFECT_HOME" PREFECT_API_URL="$PREFECT_API_URL" PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 export MLFLOW_TRACKING_URI="$MLFLOW_TRACKING_URI"
-export RAY_ADDRESS="http://127.0.0.1:$RAY_DASHBOARD_PORT" RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export RAY_ADDRESS="$RAY_ADDRESS" RAY_API_SERVER_ADDRESS="http://127.0.0.1:$RAY_DASHBOARD_PORT" RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 EOF
 }
 
