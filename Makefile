@@ -19,7 +19,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench stack-up stack-down clean
 
 venv: $(STAMP)
 
@@ -33,8 +33,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -c "import dataclasses, sys; assert 'site-packages' not in dataclasses.__file__, dataclasses.__file__"
 	touch $(STAMP)
 
+# the whole pipeline as one `full-pretrain` Prefect flow run (in-process, ephemeral API under the run root)
 demo: $(STAMP)
-	$(VENV)/bin/blip2 demo --run-root $(RUN_ROOT)
+	mkdir -p $(RUN_ROOT)/.prefect
+	PREFECT_HOME=$${PREFECT_HOME:-$(abspath $(RUN_ROOT))/.prefect} $(PY) -m flows.full_pretrain --profile demo --run-root $(RUN_ROOT)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -44,6 +46,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	@set -e; for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script; done
+
+stack-up: $(STAMP)
+	infra/local/stack.sh up
+
+stack-down:
+	infra/local/stack.sh down
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = {
     "blip2": {"pipelines", "flows", "ray", "mlflow", "prefect", "img2dataset", "webdataset", "faiss"},
     "pipelines": {"flows", "prefect"},
-    "flows": set(),
+    "flows": {"blip2", "torch"},  # thin wrappers over pipelines
 }
 
 
