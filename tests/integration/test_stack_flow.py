@@ -31,7 +31,8 @@ def stack(tmp_path):
     ports = {"PREFECT_PORT": free_port(), "MLFLOW_PORT": free_port(), "RAY_PORT": free_port(),
              "RAY_DASHBOARD_PORT": free_port()}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "BLIP2_STACK_DIR": str(tmp_path / "stack"),
-           "VENV": str(BIN.parent), "BLIP2_POOL": "blip2-test", "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp"),  # short: Ray's sockets live there "PWD": str(REPO)}
+           "VENV": str(BIN.parent), "PWD": str(REPO),
+           "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}  # a short path: Ray's sockets live there
     for key in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         env.pop(key, None)
     script = str(REPO / "infra" / "local" / "stack.sh")
