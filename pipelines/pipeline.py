@@ -244,8 +244,9 @@ def validate(cfg: PipelineConfig) -> None:
 def start_parent_run(cfg: PipelineConfig, label: str, tags: dict[str, str] | None = None) -> str:
     """The MLflow parent run of one pipeline run: its steps' runs are its children."""
     from pipelines.train.tracking import Tracker
-    tracker = Tracker(cfg.tracking(), cfg.experiment, f"full-pretrain-{cfg.profile}-{label}",
-                      cfg.path("mlflow_runs", _safe(label)), system_metrics=False)
+    record_dir = cfg.path("mlflow_runs", f"{_safe(label)}-{time.strftime('%Y%m%d-%H%M%S')}")  # never resumed
+    tracker = Tracker(cfg.tracking(), cfg.experiment, f"full-pretrain-{cfg.profile}-{label}", record_dir,
+                      system_metrics=False)
     tracker.set_tags({"profile": cfg.profile, "run_root": cfg.run_root, **(tags or {})})
     tracker.log_params({"profile": cfg.profile, "capfilt": cfg.capfilt is not None,
                         "stand_ins": cfg.foundation is not None, "config_hash": cfg.config_hash()})

@@ -1,5 +1,6 @@
 """`blip2 demo` end to end at a small size: shapes world -> faulty server -> img2dataset -> loader check."""
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -67,8 +68,21 @@ def test_demo_writes_the_summary_and_resumes(tmp_path):
     assert (tmp_path / "index" / "index.faiss").exists() and (tmp_path / "index" / "gallery.html").exists()
     assert (tmp_path / "eval" / "report.json").exists() and "== retrieval" in out
 
-    out_again, _ = run_demo(tmp_path, port)  # every download step is already done: recorded results come back
-    again = json.loads((tmp_path / "summary.json").read_text())["download"]
-    assert all(s["reused"] for s in again["splits"].values())
-    assert all(s["reused"] for s in json.loads((tmp_path / "summary.json").read_text())["synth"].values())
-    assert again["succeeded"] == download["succeeded"]
+    # `make demo`'s path: the same steps as one full-pretrain flow run (ephemeral Prefect API in-process). On the
+    # directly-run root every step finds its own finished outputs; a second flow run takes them from the cache.
+    flow = [sys.executable, "-m", "flows.full_pretrain", "--profile", "tiny", "--run-root", str(tmp_path),
+            f"--knob=port={port}"]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect")}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run(flow, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert all(s["reused"] for s in again["download"]["splits"].values())
+    assert all(s["reused"] for s in again["synth"].values()) and again["foundation"]["reused"]
+    assert again["download"]["succeeded"] == download["succeeded"]
+    assert again["train_stage1"]["checkpoint"] == summary["train_stage1"]["checkpoint"]
+    assert again["mlflow"]["parent_run_id"] != summary["mlflow"]["parent_run_id"]  # one parent run per flow run
+    done = subprocess.run(flow, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert log.count("Finished in state Cached") == 8, log[-3000:]

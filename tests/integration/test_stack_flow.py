@@ -75,9 +75,9 @@ def run_deployment(env, params: dict) -> str:
 def task_states(env, text: str) -> dict[str, str]:
     """Step name -> final state name of the flow run whose id the watch output names."""
     import re
-    flow_run_id = re.search(r"UUID\('([0-9a-f-]{36})'\)|flow run id: ([0-9a-f-]{36})|'([0-9a-f-]{36})'", text)
-    assert flow_run_id, text[-2000:]
-    run_id = next(g for g in flow_run_id.groups() if g)
+    found = (re.search(r"UUID:\s*([0-9a-f-]{36})", text) or re.search(r"prefect\.flow-run\.([0-9a-f-]{36})", text))
+    assert found, text[-2000:]
+    run_id = found.group(1)
     code = ("import asyncio, json, sys\nfrom prefect.client.orchestration import get_client\n"
             "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId\n"
             "async def main():\n    async with get_client() as c:\n"
