@@ -28,6 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _common import write_result  # noqa: E402
 
 from pipelines.profiles import TINY  # noqa: E402
 
@@ -88,6 +91,12 @@ def main() -> int:
     ratio = seconds["flow"] / seconds["direct"]
     print(f"orchestration overhead: flow / direct = {ratio:.3f} (goal < 1.10; {seconds['flow'] - seconds['direct']:+.1f} s)"
           f"; same download counts: {same}; size {args.size}, order {args.order}")
+    write_result("orchestration", baseline={"what": "python -m pipelines.demo (steps called directly)",
+                                            "seconds": round(seconds["direct"], 1)},
+                 candidate={"what": "python -m flows.full_pretrain (Prefect flow, ephemeral API)",
+                            "seconds": round(seconds["flow"], 1)},
+                 ratio=ratio, units="wall seconds, flow / direct", goal="< 1.10",
+                 extra={"size": args.size, "order": args.order, "knobs": knobs})
     return 0
 
 

@@ -55,7 +55,8 @@ class DemoConfig(StepConfig):
     stage2_lr: float = Field(5e-4, gt=0)
     model_image_size: int = Field(64, gt=0, description="the stand-in models' input size (patch 8)")
     eval_k: int = Field(128, ge=1, description="retrieval: ITC candidates reranked by ITM")
-    caption_prompt: str = Field("", description="captioning prompt (the demo's stage 2 trains without one)")
+    caption_prompt: str = Field("this image shows", description="captioning prompt: the demo's stage 2 trains without "
+                                "one; a caption opening steers the stand-in OPT away from its question-answer text")
     experiment: str = "blip2-demo"
 
 
