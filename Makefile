@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 # the whole pipeline as one `full-pretrain` Prefect flow run (in-process, ephemeral API under the run root)
 demo: $(STAMP)
 	mkdir -p $(RUN_ROOT)/.prefect
-	PREFECT_HOME=$${PREFECT_HOME:-$(abspath $(RUN_ROOT))/.prefect} $(PY) -m flows.full_pretrain --profile demo --run-root $(RUN_ROOT)
+	PREFECT_HOME=$${PREFECT_HOME:-$(abspath $(RUN_ROOT))/.prefect} $(PY) -m flows --profile demo --run-root $(RUN_ROOT)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

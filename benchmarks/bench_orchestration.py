@@ -3,9 +3,9 @@
 One run of this script runs the same shapes-world profile twice from scratch, each in a fresh process and a
 fresh run root, one after the other on this machine:
 
-  * baseline: `python -m pipelines.demo` (pipeline.run_all: every step called in order, MLflow parent run,
+  * baseline: `blip2 demo` (pipeline.run_all: every step called in order, MLflow parent run,
     summary.json; no Prefect);
-  * candidate: `python -m flows.full_pretrain` (the `full-pretrain` flow in-process: Prefect's ephemeral API
+  * candidate: `python -m flows` (what `make demo` runs: the `full-pretrain` flow in-process: Prefect's ephemeral API
     started by the run, one task per step with its cache policy, result persistence, artifacts).
 
 Both get the same knobs (`--knob k=v`, DemoConfig fields; default: the `tiny` profile's) and print the
@@ -75,8 +75,8 @@ def main() -> int:
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         env.pop(key, None)
     runs = {
-        "direct": [py, "-m", "pipelines.demo", "--run-root", str(work / "direct"), *knobs, f"port={free_port()}"],
-        "flow": [py, "-m", "flows.full_pretrain", "--profile", "demo", "--run-root", str(work / "flow"),
+        "direct": [str(Path(py).parent / "blip2"), "demo", "--run-root", str(work / "direct"), *knobs, f"port={free_port()}"],
+        "flow": [py, "-m", "flows", "--profile", "demo", "--run-root", str(work / "flow"),
                  *(f"--knob={k}" for k in knobs), f"--knob=port={free_port()}"],
     }
     order = ["direct", "flow"] if args.order == "direct-first" else ["flow", "direct"]
@@ -91,9 +91,9 @@ def main() -> int:
     ratio = seconds["flow"] / seconds["direct"]
     print(f"orchestration overhead: flow / direct = {ratio:.3f} (goal < 1.10; {seconds['flow'] - seconds['direct']:+.1f} s)"
           f"; same download counts: {same}; size {args.size}, order {args.order}")
-    write_result("orchestration", baseline={"what": "python -m pipelines.demo (steps called directly)",
+    write_result("orchestration", baseline={"what": "blip2 demo (steps called directly)",
                                             "seconds": round(seconds["direct"], 1)},
-                 candidate={"what": "python -m flows.full_pretrain (Prefect flow, ephemeral API)",
+                 candidate={"what": "python -m flows (Prefect flow, ephemeral API)",
                             "seconds": round(seconds["flow"], 1)},
                  ratio=ratio, units="wall seconds, flow / direct", goal="< 1.10",
                  extra={"size": args.size, "order": args.order, "knobs": knobs})

@@ -6,7 +6,7 @@ keyed by the step's own config: change a step's config and that step and the one
 interrupted one resumes (training from its last checkpoint). Each task leaves a Prefect artifact (counts,
 metrics, its MLflow run); the flow leaves the summary. One MLflow parent run per flow run.
 
-    python -m flows.full_pretrain --profile demo --run-root runs/demo [dotted overrides]   # in-process
+    python -m flows --profile demo --run-root runs/demo [dotted overrides]   # in-process (make demo)
     prefect deployment run 'full-pretrain/demo'                                              # server mode
 """
 from __future__ import annotations
@@ -131,7 +131,7 @@ def full_pretrain(profile: str = "demo", run_root: str = "runs/demo", overrides:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.full_pretrain", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="demo", choices=PROFILES)
     parser.add_argument("--run-root", default="runs/demo")
@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refresh", action="store_true", help="run every step again")
     parser.add_argument("overrides", nargs="*", help="dotted PipelineConfig overrides, e.g. stage1.optim.lr=1e-4")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("BLIP2_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipelines.config import parse_overrides
     from pipelines.demo import print_summary
     started = time.time()
@@ -151,6 +153,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=os.environ.get("BLIP2_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(main())

@@ -6,7 +6,7 @@ CapFilt on the web split -> training-loader check -> stage 1 (frozen stand-in CL
 (frozen stand-in OPT) on Ray Train -> retrieval, caption and VQA evaluation on the test split -> a FAISS index
 of the curated split. Everything lives under one run root (default runs/demo); `summary.json` there gets one
 object per step; MLflow in `<run root>/mlflow.db`. `make demo` runs the same steps as one Prefect flow run
-(`python -m flows.full_pretrain --profile demo`); this entry point is the same work without the orchestrator.
+(`python -m flows --profile demo`); this entry point is the same work without the orchestrator.
 """
 from __future__ import annotations
 

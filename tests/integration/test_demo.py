@@ -70,7 +70,7 @@ def test_demo_writes_the_summary_and_resumes(tmp_path):
 
     # `make demo`'s path: the same steps as one full-pretrain flow run (ephemeral Prefect API in-process). On the
     # directly-run root every step finds its own finished outputs; a second flow run takes them from the cache.
-    flow = [sys.executable, "-m", "flows.full_pretrain", "--profile", "tiny", "--run-root", str(tmp_path),
+    flow = [sys.executable, "-m", "flows", "--profile", "tiny", "--run-root", str(tmp_path),
             f"--knob=port={port}"]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect")}
     env.pop("PREFECT_API_URL", None)
