@@ -114,9 +114,10 @@ def full_pretrain(profile: str = "demo", run_root: str = "runs/demo", overrides:
         for name, _, _, wanted in pipeline.STEPS:
             if not wanted(cfg):
                 continue
+            retries = RETRIES[name] if step_retries is None else step_retries
             step_task = run_step.with_options(
                 cache_policy=cache_policy(step_key(name, cfg), cfg.path(CACHE_DIR[name], ".prefect-cache")),
-                retries=RETRIES[name] if step_retries is None else step_retries, retry_delay_seconds=5, refresh_cache=refresh)
+                retries=retries, retry_delay_seconds=5, refresh_cache=refresh)
             part = step_task(name, cfg, parent)
             for key, value in part.items():
                 summary = runroot.update_summary(cfg.run_root, key, value)
