@@ -74,21 +74,12 @@ def _strip(value: Any) -> Any:
 def run_step(step: str, cfg: PipelineConfig, parent_run_id: str | None) -> dict[str, Any]:
     """One step of the pipeline; its result is the objects it adds to summary.json."""
     logger = get_run_logger()
-    name, function, tracked, _ = next(s for s in pipeline.STEPS if s[0] == step)
     started = time.perf_counter()
-    part = function(cfg, parent_run_id) if tracked else function(cfg)
-    child = None if tracked else pipeline.log_step_run(cfg, parent_run_id, step, part)
+    part, run_id = pipeline.run_step(cfg, step, parent_run_id)
     seconds = time.perf_counter() - started
     logger.info("step %s finished in %.1f s", step, seconds)
-    publish_table(step, part, seconds, mlflow_link(cfg.tracking(), cfg.experiment, child or _run_of(part)))
+    publish_table(step, part, seconds, mlflow_link(cfg.tracking(), cfg.experiment, run_id))
     return part
-
-
-def _run_of(part: dict[str, Any]) -> str | None:
-    for value in part.values():
-        if isinstance(value, dict) and value.get("mlflow_run_id"):
-            return value["mlflow_run_id"]
-    return None
 
 
 @flow(name="full-pretrain", log_prints=True, validate_parameters=True)

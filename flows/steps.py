@@ -26,14 +26,14 @@ from pipelines.train.config import TrainConfig  # noqa: E402
 from pipelines.train.tracking import default_tracking_uri  # noqa: E402
 
 
-def _timed(step: str, function, *args) -> tuple[Any, float]:
+def _timed(function, *args) -> tuple[Any, float]:
     started = time.perf_counter()
     return function(*args), time.perf_counter() - started
 
 
 @task(name="download", retries=2, retry_delay_seconds=10)
 def download_task(cfg: download.DownloadConfig, output: str) -> dict[str, Any]:
-    result, seconds = _timed("download", download.run, cfg, output)
+    result, seconds = _timed(download.run, cfg, output)
     part = result.model_dump(mode="json")
     publish_table("download", {k: part[k] for k in ("attempted", "succeeded", "success_rate", "reasons", "shards",
                                                    "reused")}, seconds, "")
@@ -48,7 +48,7 @@ def download_flow(cfg: download.DownloadConfig, output: str) -> dict[str, Any]:
 
 @task(name="capfilt", retries=1, retry_delay_seconds=10)
 def capfilt_task(cfg: capfilt.CapfiltConfig, output: str) -> dict[str, Any]:
-    result, seconds = _timed("capfilt", capfilt.run, cfg, output)
+    result, seconds = _timed(capfilt.run, cfg, output)
     part = result.model_dump(mode="json")
     publish_table("capfilt", {k: part[k] for k in ("images", "candidates", "web_kept_share", "web_precision",
                                                   "kept_precision", "corrupt_shards", "reused")}, seconds, "")
@@ -64,7 +64,7 @@ def capfilt_flow(cfg: capfilt.CapfiltConfig, output: str) -> dict[str, Any]:
 @task(name="train", retries=1, retry_delay_seconds=10)
 def train_task(cfg: TrainConfig, output: str) -> dict[str, Any]:
     job = train_stage1 if cfg.stage == "stage1" else train_stage2
-    result, seconds = _timed("train", job.run, cfg, output)
+    result, seconds = _timed(job.run, cfg, output)
     uri = cfg.tracking.uri or default_tracking_uri(output)
     publish_table(f"train-{cfg.stage}", {k: result.get(k) for k in ("steps", "checkpoint", "last")}, seconds,
                   mlflow_link(uri, cfg.tracking.experiment, result.get("mlflow_run_id")))
@@ -79,7 +79,7 @@ def train_flow(cfg: TrainConfig, output: str) -> dict[str, Any]:
 
 @task(name="evaluate", retries=1, retry_delay_seconds=10)
 def evaluate_task(kind: str, cfg: evaluate.EvalConfig, output: str) -> dict[str, Any]:
-    result, seconds = _timed("evaluate", evaluate.run, kind, cfg, output)
+    result, seconds = _timed(evaluate.run, kind, cfg, output)
     metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
     publish_table(f"evaluate-{kind}", {"images": result.get("images"), **metrics}, seconds, "")
     return result
@@ -93,7 +93,7 @@ def evaluate_flow(kind: Literal["retrieval", "caption", "vqa"], cfg: evaluate.Ev
 
 @task(name="index-build", retries=1, retry_delay_seconds=10)
 def index_task(cfg: index.IndexConfig, output: str) -> dict[str, Any]:
-    result, seconds = _timed("index", index.build, cfg, output)
+    result, seconds = _timed(index.build, cfg, output)
     publish_table("index-build", {k: result.get(k) for k in ("images", "vectors", "index_type", "recall_at_10")},
                   seconds, "")
     return result

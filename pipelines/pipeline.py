@@ -11,7 +11,6 @@ paper's) live in `pipelines/profiles.py`.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -311,6 +310,19 @@ STEPS: list[tuple[str, Callable[..., dict[str, Any]], bool, Callable[[PipelineCo
 ]
 
 
+def run_step(cfg: PipelineConfig, name: str, parent_run_id: str | None) -> tuple[dict[str, Any], str | None]:
+    """Step `name`: the objects it adds to summary.json, and its MLflow run (its own, or a child run logged here
+    for the steps that keep none)."""
+    _, function, tracked, _ = next(step for step in STEPS if step[0] == name)
+    if tracked:
+        part = function(cfg, parent_run_id)
+        run_id = next((v["mlflow_run_id"] for v in part.values() if isinstance(v, dict) and v.get("mlflow_run_id")),
+                      None)
+        return part, run_id
+    part = function(cfg)
+    return part, log_step_run(cfg, parent_run_id, name, part)
+
+
 def run_all(cfg: PipelineConfig, label: str | None = None) -> dict[str, Any]:
     """Every step in order, without Prefect (the baseline the orchestration benchmark compares against)."""
     validate(cfg)
@@ -318,13 +330,11 @@ def run_all(cfg: PipelineConfig, label: str | None = None) -> dict[str, Any]:
     parent = start_parent_run(cfg, label or time.strftime("%Y%m%d-%H%M%S"), {"orchestrator": "none"})
     summary: dict[str, Any] = {}
     try:
-        for name, function, tracked, wanted in STEPS:
+        for name, _, _, wanted in STEPS:
             if not wanted(cfg):
                 continue
             started = time.perf_counter()
-            part = function(cfg, parent) if tracked else function(cfg)
-            if not tracked:
-                log_step_run(cfg, parent, name, part)
+            part, _ = run_step(cfg, name, parent)
             for key, value in part.items():
                 summary = runroot.update_summary(cfg.run_root, key, value)
             log.info("step %s done in %.1f s", name, time.perf_counter() - started)
