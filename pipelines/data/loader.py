@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import signal
+import threading
 import zlib
 from collections import Counter
 from typing import Any, Iterator
@@ -201,6 +203,18 @@ def _usable_state(state: dict[str, Any] | None, G: int) -> dict[int, dict]:
     return {int(g): pos for g, pos in state["positions"].items()}
 
 
+def _forked_worker_init(worker_id: int) -> None:
+    """A forked data worker drops what it inherited from the parent's threads and signal handlers: none of
+    those threads exist in the child. Inside a Prefect task the parent holds Prefect's log and event workers,
+    whose thread-exit hooks fail in the child (an AssertionError while the worker exits, reported by the
+    parent as 'DataLoader worker exited unexpectedly with exit code 1'), and Prefect's SIGTERM handler, which
+    would raise instead of letting the DataLoader stop a busy worker."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    inherited = getattr(threading, "_threading_atexits", None)  # CPython's list of thread-exit hooks
+    if inherited is not None:
+        inherited.clear()
+
+
 class TrainLoader:
     """Iterable of batches that remembers, per reader, the position of the last batch handed out."""
 
@@ -211,7 +225,8 @@ class TrainLoader:
         self.skipped: dict[int, dict] = {}
         self.loader = DataLoader(self.dataset, batch_size=None, num_workers=cfg.num_workers,
                                  persistent_workers=cfg.num_workers > 0,
-                                 prefetch_factor=2 if cfg.num_workers > 0 else None)
+                                 prefetch_factor=2 if cfg.num_workers > 0 else None,
+                                 worker_init_fn=_forked_worker_init if cfg.num_workers > 0 else None)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
