@@ -128,6 +128,8 @@ class CapfiltResult(BaseModel):
     web_precision: float | None = None  # shapes world only (meta "scene"): share judged correct by the checker
     synthetic_precision: float | None = None
     kept_precision: float | None = None
+    oracle_kept_precision: float | None = None  # what a perfect ranker would keep correct, from these candidates
+    ranker_pair_accuracy: float | None = None  # P(score of a correct candidate > a wrong one, same image)
     histogram: str | None = None
     warnings: list[str] = []
     reused: bool = False  # returned from an existing _SUCCESS.json without running
@@ -544,8 +546,33 @@ class ScoreStats:
     judged: Counter = field(default_factory=Counter)  # group -> candidates with a checker verdict
     correct: Counter = field(default_factory=Counter)
     histogram: dict[str, np.ndarray] = field(default_factory=lambda: {g: np.zeros(200, np.int64) for g in GROUPS})
+    kept_judged: int = 0  # kept captions of images whose every candidate has a verdict
+    oracle_correct: int = 0  # per such image: min(distinct correct captions, captions kept)
+    ranked_pairs: int = 0  # (correct, wrong) candidate pairs of one image
+    ranked_right: float = 0.0  # of those, the correct one scored higher (a tie counts one half)
 
     def add(self, table: pa.Table) -> None:
+        self._add_groups(table)
+        self._add_per_image(table)
+
+    def _add_per_image(self, table: pa.Table) -> None:
+        """Where CapFilt loses precision: the candidates themselves (a perfect ranker keeps min(distinct correct
+        captions, kept) correct captions per image) or the ranker (how often it scores a correct candidate of an
+        image above a wrong one)."""
+        columns = ["key", "caption", "score", "kept", "correct"]
+        for _, rows in table.select(columns).to_pandas().groupby("key", sort=False):
+            if rows["correct"].isna().any():
+                continue
+            correct = rows["correct"].to_numpy(dtype=bool)
+            score = rows["score"].to_numpy(dtype=np.float64)
+            kept = int(rows["kept"].sum())
+            self.kept_judged += kept
+            self.oracle_correct += min(rows["caption"][correct].nunique(), kept)
+            right, wrong = score[correct][:, None], score[~correct][None, :]
+            self.ranked_pairs += right.size * wrong.size
+            self.ranked_right += float((right > wrong).sum() + 0.5 * (right == wrong).sum())
+
+    def _add_groups(self, table: pa.Table) -> None:
         source = np.asarray(table["source"].to_pylist(), dtype=object)
         kept = table["kept"].to_numpy(zero_copy_only=False).astype(bool)
         score = table["score"].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -568,7 +595,9 @@ class ScoreStats:
 
         precision = {f"{g}_precision": ratio(self.correct[g], self.judged[g]) for g in GROUPS}
         return {"images": self.images, "web_kept_share": ratio(self.web_kept, self.count["web"]),
-                "mean_scores": {g: ratio(self.score_sum[g], self.count[g]) for g in GROUPS}, **precision}
+                "mean_scores": {g: ratio(self.score_sum[g], self.count[g]) for g in GROUPS}, **precision,
+                "oracle_kept_precision": ratio(self.oracle_correct, self.kept_judged),
+                "ranker_pair_accuracy": ratio(self.ranked_right, self.ranked_pairs)}
 
 
 def read_stats(output_uri: str, names: Sequence[str]) -> ScoreStats:
@@ -576,7 +605,7 @@ def read_stats(output_uri: str, names: Sequence[str]) -> ScoreStats:
     for name in names:
         fs, path = io.fs_and_path(io.join(output_uri, f"{name}.parquet"))
         with fs.open(path, "rb") as handle:
-            stats.add(pq.read_table(handle, columns=["source", "score", "kept", "correct"]))
+            stats.add(pq.read_table(handle, columns=["key", "caption", "source", "score", "kept", "correct"]))
     return stats
 
 

@@ -42,6 +42,10 @@ def print_summary(summary: dict[str, Any], run_root: str) -> None:
     else:
         print(f"== capfilt: {cf['images']} web images, {cf['candidates']} synthetic captions; correct captions: web "
               f"{cf['web_precision']:.1%} -> kept top-2 {cf['kept_precision']:.1%}; histograms {cf['histogram']}")
+        if cf.get("oracle_kept_precision") is not None:
+            print(f"   a perfect ranker would keep {cf['oracle_kept_precision']:.1%} correct from these candidates; "
+                  f"the ranker scores a correct candidate above a wrong one of the same image "
+                  f"{cf['ranker_pair_accuracy']:.1%} of the time")
     lc = summary["loader_check"]
     print(f"== loader check: {lc['batches']} batches of {lc['batch_shape']}, drawn per source {lc['drawn']}, "
           f"skipped {lc['skipped_total']} {lc['skipped']}")

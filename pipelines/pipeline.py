@@ -115,7 +115,8 @@ def step_foundation(cfg: PipelineConfig) -> dict[str, Any]:
 def step_capfilt(cfg: PipelineConfig) -> dict[str, Any]:
     result = capfilt.run(bind_stand_ins(cfg).capfilt, cfg.path("capfilt"))
     data = result.model_dump(mode="json")
-    keys = ("web_precision", "kept_precision", "synthetic_precision", "web_kept_share", "images", "candidates",
+    keys = ("web_precision", "kept_precision", "synthetic_precision", "oracle_kept_precision", "ranker_pair_accuracy",
+            "web_kept_share", "images", "candidates",
             "captions_per_second", "images_ranked_per_second", "corrupt_shards", "skipped_samples", "wall_seconds",
             "executor", "histogram", "reused")
     return {"capfilt": {key: data[key] for key in keys}}

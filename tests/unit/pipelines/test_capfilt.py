@@ -263,3 +263,32 @@ def test_captioner_kinds_generate_k_per_image(assets, kind):
     assert all(isinstance(t, str) and t for c in captions for t in c)
     assert len({t for c in captions for t in c}) > 4  # sampled, not one caption repeated
     assert captioner.generate(images[1:2], keys[1:2]) == captions[1:2]  # independent of the batch
+
+
+def test_oracle_precision_and_ranker_accuracy_by_hand():
+    import pyarrow as pa
+
+    from pipelines.capfilt import ScoreStats
+
+    rows = [  # key, caption, source, score, kept, correct
+        ("a", "web a", "web", 0.9, True, False),
+        ("a", "x", "synthetic", 0.8, True, True),
+        ("a", "x", "synthetic", 0.7, False, True),  # a duplicate: one distinct correct caption for image a
+        ("a", "y", "synthetic", 0.8, False, False),
+        ("b", "web b", "web", 0.5, False, True),
+        ("b", "p", "synthetic", 0.6, True, True),
+        ("b", "q", "synthetic", 0.7, True, False),
+        ("c", "web c", "web", 0.1, True, None),  # not a shapes-world image: left out of both figures
+        ("c", "r", "synthetic", 0.2, True, None),
+    ]
+    table = pa.table({name: [r[i] for r in rows] for i, name in
+                      enumerate(("key", "caption", "source", "score", "kept", "correct"))})
+    stats = ScoreStats()
+    stats.add(table)
+    figures = stats.figures()
+    # a: min(1 distinct correct, 2 kept) = 1; b: min(2, 2) = 2 -> 3 of 4 kept
+    assert figures["oracle_kept_precision"] == pytest.approx(3 / 4)
+    # a: correct {0.8, 0.7} vs wrong {0.9, 0.8}: 0.8>0.9 no, 0.8=0.8 half, 0.7 no, no -> 0.5 of 4
+    # b: correct {0.5, 0.6} vs wrong {0.7}: 0 of 2
+    assert figures["ranker_pair_accuracy"] == pytest.approx(0.5 / 6, abs=1e-6)
+    assert figures["kept_precision"] == pytest.approx(2 / 4)  # kept and judged: a web(F), a x(T), b p(T), b q(F)
