@@ -5,8 +5,9 @@ fresh run root, one after the other on this machine:
 
   * baseline: `blip2 demo` (pipeline.run_all: every step called in order, MLflow parent run,
     summary.json; no Prefect);
-  * candidate: `python -m flows` (what `make demo` runs: the `full-pretrain` flow in-process: Prefect's ephemeral API
-    started by the run, one task per step with its cache policy, result persistence, artifacts).
+  * candidate: `python -m flows` (what `make demo` runs: the `full-pretrain` flow in-process, against Prefect's
+    ephemeral API app started by the run as a child process (flows/local_api.py), one task per step with its
+    cache policy, result persistence, artifacts).
 
 Both get the same knobs (`--knob k=v`, DemoConfig fields; default: the `tiny` profile's) and print the
 end-to-end wall time (process start to exit, imports included) and the ratio candidate / baseline
@@ -93,7 +94,7 @@ def main() -> int:
           f"; same download counts: {same}; size {args.size}, order {args.order}")
     write_result("orchestration", baseline={"what": "blip2 demo (steps called directly)",
                                             "seconds": round(seconds["direct"], 1)},
-                 candidate={"what": "python -m flows (Prefect flow, ephemeral API)",
+                 candidate={"what": "python -m flows (Prefect flow, local ephemeral API child process)",
                             "seconds": round(seconds["flow"], 1)},
                  ratio=ratio, units="wall seconds, flow / direct", goal="< 1.10",
                  extra={"size": args.size, "order": args.order, "knobs": knobs})
