@@ -125,10 +125,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = parts.model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
-    step, samples_seen, loader_state = resume(cfg, output, work, model, optimizer, scheduler, rank)
+    step, samples_seen, loader_state, unwritten = resume(cfg, output, work, model, optimizer, scheduler, rank)
     loader = TrainLoader(cfg.data, rank, world, state=loader_state)
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     tracker = open_tracker(cfg, output, rank, world)
+    tracker.recover(unwritten)  # metrics of the checkpoint's steps that a crash kept from MLflow
     ceiling = matmul_ceiling(device) if rank == 0 else 0.0
     # Not a terminal (a Ray worker's stdout goes through Ray's log monitor to the driver; a log file): redraw
     # every few seconds, not every step, so that printing progress costs the training nothing.
@@ -213,9 +214,10 @@ def autocast(cfg: TrainConfig):
 
 
 def resume(cfg: TrainConfig, output: str, work: str, model: nn.Module, optimizer, scheduler, rank: int
-           ) -> tuple[int, int, dict | None]:
-    """Continue from the latest complete checkpoint of the job, if any: (step, samples seen, loader state).
-    For a remote output every node first downloads the newest committed checkpoint into `work`."""
+           ) -> tuple[int, int, dict | None, list[list]]:
+    """Continue from the latest complete checkpoint of the job, if any: (step, samples seen, loader state, the
+    metric rows it holds that may not have reached MLflow). For a remote output every node first downloads the
+    newest committed checkpoint into `work`."""
     if storage.is_remote(output):
         storage.pull_latest(output, work)
         if dist.rank_and_world()[1] > 1:
@@ -223,7 +225,7 @@ def resume(cfg: TrainConfig, output: str, work: str, model: nn.Module, optimizer
     latest = latest_checkpoint(work)
     if latest is None:
         torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # per-rank dropout / sampling streams
-        return 0, 0, None
+        return 0, 0, None, []
     step, path = latest
     state = load_checkpoint(path, model, optimizer, scheduler, cfg.identity_hash())
     if len(state["loader"]) != dist.rank_and_world()[1]:
@@ -231,20 +233,21 @@ def resume(cfg: TrainConfig, output: str, work: str, model: nn.Module, optimizer
                           f"{dist.rank_and_world()[1]}; resume with scaling.workers={len(state['loader'])}")
     restore_rng_state(state["rng"][rank])
     log.info("resumed from %s (step %d)", path, step)
-    return state["step"], state["samples_seen"], state["loader"][rank]
+    return state["step"], state["samples_seen"], state["loader"][rank], state.get("unwritten_metrics", [])
 
 
 def save(cfg: TrainConfig, output: str, work: str, step: int, samples_seen: int, model: nn.Module, optimizer,
          scheduler, loader: TrainLoader, tracker, rank: int) -> None:
     """Every rank hands in its data position and RNG state; rank 0 writes the checkpoint (into `work`, then
     uploads it for a remote output), then flushes the metrics up to this step (so a resume from it neither
-    repeats nor loses a step's metrics)."""
+    repeats nor loses a step's metrics). The checkpoint also holds those metrics: a crash between it and the
+    flush leaves them to the resumed job (`Tracker.recover`)."""
     loader_states = gather_objects(loader.state_dict())
     rng_states = gather_objects(capture_rng_state())
     if rank == 0:
         state = {"step": step, "samples_seen": samples_seen, "config_hash": cfg.identity_hash(),
                  "seed": cfg.seed, "loader": loader_states, "rng": rng_states,
-                 "data_report": loader.report()}
+                 "data_report": loader.report(), "unwritten_metrics": tracker.unwritten(step)}
         path = save_checkpoint(work, step, model, optimizer, scheduler, state, keep=cfg.checkpoint.keep)
         if storage.is_remote(output):
             storage.push_checkpoint(path, output, step, keep=cfg.checkpoint.keep)

@@ -300,6 +300,29 @@ class Tracker:
                 del self._buffer[entry]
         return len(due)
 
+    def unwritten(self, up_to_step: int) -> list[list]:
+        """The buffered metrics with step <= `up_to_step` as [step, key, value, timestamp ms] rows. The training
+        loop keeps them in the checkpoint of that step, written just before `flush`: a crash between the two
+        would otherwise lose them (the resume starts after that step and never logs them again)."""
+        return [[step, key, *self._buffer[(step, key)]] for step, key in sorted(self._buffer) if step <= up_to_step]
+
+    def recover(self, rows: list[list]) -> int:
+        """After a resume: write those of a checkpoint's `unwritten` rows that the run does not hold yet (a key
+        without a value at that step); returns how many. Rows the crashed job did flush are not written twice."""
+        by_key: dict[str, list[list]] = {}
+        for step, key, value, stamp in rows:
+            by_key.setdefault(key, []).append([int(step), float(value), int(stamp)])
+        missing = []
+        for key, entries in by_key.items():
+            logged = {metric.step for metric in self.client.get_metric_history(self._run_id, key)}
+            missing += [Metric(key, value, stamp, step) for step, value, stamp in entries if step not in logged]
+        for part in chunks(missing, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self._run_id, metrics=part, synchronous=True)
+        if missing:
+            log.info("MLflow run %s: wrote %d metric values the previous job had left unwritten", self._run_id,
+                     len(missing))
+        return len(missing)
+
     def discard_after(self, step: int) -> int:
         """Drop the buffered metrics with step > `step` (they will be logged again after a resume from
         checkpoint `step`); returns how many were dropped."""
@@ -491,6 +514,12 @@ class NullTracker:
         pass
 
     def flush(self, up_to_step: int | None = None) -> int:
+        return 0
+
+    def unwritten(self, up_to_step: int) -> list[list]:
+        return []
+
+    def recover(self, rows: list[list]) -> int:
         return 0
 
     def discard_after(self, step: int) -> int:

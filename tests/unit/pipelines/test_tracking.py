@@ -8,6 +8,7 @@ import time
 import mlflow
 import numpy as np
 import pytest
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from safetensors.numpy import save_file
 
@@ -98,6 +99,28 @@ def test_flush_discard_and_crash_resume_log_each_step_once(uri, tmp_path):
     assert steps(client, after_crash.run_id, "grad_norm") == [1, 2, 4, 5, 6, 7, 8, 9, 10]
     counts = client.get_metric_history(after_crash.run_id, NONFINITE_METRIC)
     assert [(m.step, m.value) for m in counts] == [(3, 1.0)]
+
+
+def test_a_crash_between_checkpoint_and_flush_loses_no_step(uri, tmp_path):
+    client = MlflowClient(uri)
+    before_crash = open_tracker(uri, tmp_path)
+    for step in range(1, 11):
+        before_crash.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step)
+    assert before_crash.flush(5) == 10
+    rows = json.loads(json.dumps(before_crash.unwritten(10)))  # kept in checkpoint 10's state.json
+    assert [r[0] for r in rows if r[1] == "loss"] == [6, 7, 8, 9, 10]
+    partial = [Metric("loss", 1.0 / s, 0, s) for s in (6, 7)]  # the flush got as far as step 7's loss
+    before_crash.client.log_batch(before_crash.run_id, metrics=partial, synchronous=True)
+    # the process dies here; the job restarts from checkpoint 10 and recovers what MLflow lacks
+    after_crash = open_tracker(uri, tmp_path)
+    assert after_crash.recover(rows) == 3 + 5  # loss 8..10, lr 6..10
+    assert after_crash.recover(rows) == 0  # idempotent
+    for step in range(11, 13):
+        after_crash.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step)
+    after_crash.finish()
+    assert steps(client, after_crash.run_id, "loss") == list(range(1, 13))
+    assert steps(client, after_crash.run_id, "lr") == list(range(1, 13))
+    assert NullTracker().unwritten(5) == [] and NullTracker().recover(rows) == 0
 
 
 def test_flush_writes_in_batches_of_at_most_1000(uri, tmp_path, monkeypatch):
