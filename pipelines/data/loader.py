@@ -226,7 +226,7 @@ class TrainLoader:
         self.loader = DataLoader(self.dataset, batch_size=None, num_workers=cfg.num_workers,
                                  persistent_workers=cfg.num_workers > 0,
                                  prefetch_factor=2 if cfg.num_workers > 0 else None,
-                                 worker_init_fn=_forked_worker_init if cfg.num_workers > 0 else None)
+                                 worker_init_fn=_forked_worker_init)  # only called in workers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
