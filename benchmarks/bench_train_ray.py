@@ -4,13 +4,14 @@ One run of this script measures, on the same shapes-world shards (256 images, 32
 the tiny stage-1 model, batch 8 per worker, data `num_workers=0`, one checkpoint (the final one),
 Ray reports every `log_every` steps (50; 10 with --quick), no system metrics, no generated samples:
 
-  * baseline: `scaling.workers=0`, i.e. `train_loop_per_worker` in this process, no Ray running
-    (run twice, before Ray is started and after it is shut down, to bracket drift from other load);
-  * candidate: `scaling.workers=1` under Ray Train (TorchTrainer), Ray started once by this script
-    with `ray.init(num_cpus=2, include_dashboard=False)`;
-  * scaling: `scaling.workers=2` (global batch 16) against the 1-worker run.
-The Ray runs of 1 and 2 workers alternate, `--repeats` of each (default 2), all on the one Ray instance;
-the figures are means over the runs.
+  * baseline: `scaling.workers=0`, i.e. `train_loop_per_worker` in this process, no Ray running;
+  * candidate: `scaling.workers=1` under Ray Train (TorchTrainer), in a Ray session this script starts
+    with `ray.init(num_cpus=2, include_dashboard=False)` and shuts down after it;
+  * scaling: `scaling.workers=2` (global batch 16) against the 1-worker run, in the same Ray session.
+The runs come in `--repeats` pairs (default 5): one plain run and one Ray session (1 then 2 workers), in
+ABBA order (plain first in even pairs, Ray first in odd ones). The headline ratio is the median of the
+pairs' plain/Ray ratios: on a 2-core cloud box two identical plain runs differ by up to 25%, and a ratio
+taken inside a pair, between neighbouring runs, is what cancels most of that drift. Means are reported too.
 
 Threads: the plain process uses torch's default (one thread a core: 2). Ray sets OMP_NUM_THREADS of an
 actor to the CPUs it reserves, so the 1-worker run reserves `cpus_per_worker=2` (2 threads, as the plain
@@ -27,7 +28,7 @@ plain process pays once, at its first report, a lazy import of `ray.train` (abou
 of a training step; it is paid before the baseline runs (the Ray workers paid theirs at start-up).
 The end-to-end wall-time ratio is reported too.
 
-    .venv/bin/python benchmarks/bench_train_ray.py [--steps 200] [--log-every 50] [--repeats 2] [--quick]
+    .venv/bin/python benchmarks/bench_train_ray.py [--steps 200] [--log-every 50] [--repeats 5] [--quick]
 """
 from __future__ import annotations
 
@@ -163,7 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=2, help="Ray runs of each size (alternating)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved plain / Ray pairs")
     parser.add_argument("--quick", action="store_true", help="smoke run: 40 steps, a report every 10, 1 repeat")
     parser.add_argument("--batch", type=int, default=8, help="batch per worker (a larger step: less overhead share)")
     parser.add_argument("--image-size", type=int, default=32, help="image side in px (and the model's input)")
@@ -182,22 +183,36 @@ def main() -> None:
         report_to_ray({})  # the plain process's one-off lazy import of ray.train, outside the timed window
         train_once("warm-up", shards, tmp, min(steps, 3 * log_every), log_every, workers=0)  # discarded: first
         # use of the kernels, the allocator and the page cache in this process (it ran ~20% slower than later runs)
-        plain = [train_once("plain-1", shards, tmp, steps, log_every, workers=0)]
-        started = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False)
-        ray_init_s = time.perf_counter() - started
-        ones, twos = [], []
+        plain, ones, twos, pair_ratios, ray_init_s, ray_shutdown_s = [], [], [], [], [], []
         ops_plain = op_timings()
-        ops_ray = ray.get(ray.remote(num_cpus=2)(op_timings).remote())
-        try:
-            for i in range(repeats):
-                ones.append(train_once(f"ray-1-{i}", shards, tmp, steps, log_every, workers=1, cpus=2.0))
-                twos.append(train_once(f"ray-2-{i}", shards, tmp, steps, log_every, workers=2, cpus=1.0))
-        finally:
-            started = time.perf_counter()
-            ray.shutdown()
-            ray_shutdown_s = time.perf_counter() - started
-        plain.append(train_once("plain-2", shards, tmp, steps, log_every, workers=0))
+        ops_ray = None
+        for i in range(repeats):
+            # one pair: a plain run (no Ray running) and a Ray session (init, 1-worker run, 2-worker run,
+            # shutdown); the order flips every pair (ABBA) so slow drift of the box cancels in the median ratio
+            def plain_run():
+                plain.append(train_once(f"plain-{i}", shards, tmp, steps, log_every, workers=0))
+
+            def ray_session():
+                nonlocal ops_ray
+                started = time.perf_counter()
+                ray.init(num_cpus=2, include_dashboard=False)
+                ray_init_s.append(time.perf_counter() - started)
+                try:
+                    if ops_ray is None:
+                        ops_ray = ray.get(ray.remote(num_cpus=2)(op_timings).remote())
+                    ones.append(train_once(f"ray-1-{i}", shards, tmp, steps, log_every, workers=1, cpus=2.0))
+                    twos.append(train_once(f"ray-2-{i}", shards, tmp, steps, log_every, workers=2, cpus=1.0))
+                finally:
+                    started = time.perf_counter()
+                    ray.shutdown()
+                    ray_shutdown_s.append(time.perf_counter() - started)
+
+            for part in ((plain_run, ray_session) if i % 2 == 0 else (ray_session, plain_run)):
+                part()
+            pair_ratios.append(plain[-1]["steps_per_s"] / ones[-1]["steps_per_s"])
+            print(f"pair {i}: plain {plain[-1]['steps_per_s']} steps/s, Ray 1 worker {ones[-1]['steps_per_s']} "
+                  f"steps/s, ratio {pair_ratios[-1]:.3f}", flush=True)
+        ray_init_s, ray_shutdown_s = statistics.median(ray_init_s), statistics.median(ray_shutdown_s)
 
     plain_rate = statistics.mean(p["steps_per_s"] for p in plain)
     plain_e2e = statistics.mean(p["end_to_end_s"] for p in plain)
@@ -205,21 +220,25 @@ def main() -> None:
     one_samples, two_samples = (statistics.mean(r["samples_per_s"] for r in runs) for runs in (ones, twos))
     write_result(
         name,
-        baseline={"what": "scaling.workers=0: the loop in one plain process, no Ray (mean of the runs before "
-                          "and after the Ray runs)", "steps_per_s": round(plain_rate, 3), "runs": plain},
+        baseline={"what": "scaling.workers=0: the loop in one plain process, no Ray running (mean of "
+                          f"{repeats} runs, each paired with a Ray session)", "steps_per_s": round(plain_rate, 3), "runs": plain},
         candidate={"what": f"scaling.workers=1: the same loop as one Ray Train (TorchTrainer) worker (mean of "
                            f"{repeats} runs)", "steps_per_s": round(one_rate, 3), "runs": ones},
-        ratio=plain_rate / one_rate,
-        units="steady-state steps/s ratio, plain / Ray 1 worker (1.0 = no overhead; both use 2 threads)",
+        ratio=statistics.median(pair_ratios),
+        units="steady-state steps/s ratio, plain / Ray 1 worker, median over the interleaved pairs (1.0 = no "
+              "overhead; both use 2 threads)",
         goal="Ray/plain overhead < 10% at 200 steps",
         extra={
             "steps": steps, "log_every": log_every, "batch_per_worker": BATCH,
             "data": f"shapes-world, 256 images at {IMAGE_SIZE} px, 8 shards of 32, loader num_workers=0",
             "repeats": repeats,
+            "pair_ratios": [round(r, 3) for r in pair_ratios],
+            "ratio_of_means": round(plain_rate / one_rate, 3),
+            "plain_spread": round(max(p["steps_per_s"] for p in plain) / min(p["steps_per_s"] for p in plain), 3),
             "end_to_end_ratio": round(statistics.mean(r["end_to_end_s"] for r in ones) / plain_e2e, 3),
             "end_to_end_note": "whole `run` wall time, Ray 1 worker / plain (start-up and teardown included; "
                                "ray.init itself is not)",
-            "ray_init_s": round(ray_init_s, 2), "ray_shutdown_s": round(ray_shutdown_s, 2),
+            "ray_init_s_median": round(ray_init_s, 2), "ray_shutdown_s_median": round(ray_shutdown_s, 2),
             "op_microseconds": {"plain_process": ops_plain, "ray_task": ops_ray,
                                 "ray_over_plain": {k: round(ops_ray[k] / ops_plain[k], 3) for k in ops_plain},
                                 "note": "the same ops (2 threads) timed in this process and in a Ray task while Ray "
