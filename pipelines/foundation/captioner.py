@@ -2,8 +2,11 @@
 Salesforce/blip-image-captioning-large), reloadable with `from_pretrained(dir)` of both classes.
 
 Its ViT has the CLIP image tower's shape and starts as an exact copy of it (open_clip and BLIP ViTs are
-the same computation once open_clip's ln_pre is off), as BLIP starts from a pretrained ViT; it stays frozen
-and the BERT-style text decoder learns BLIP's captioning LM loss on fresh true captions of the curated scenes.
+the same computation once open_clip's ln_pre is off), as BLIP starts from a pretrained ViT; the BERT-style
+text decoder learns BLIP's captioning LM loss on fresh true captions of the curated scenes, and the ViT is
+fine-tuned with it at `captioner.vit_lr` (frozen at 0). Fine-tuning it took the held-out share of correct
+captions from 24.7% to 39.7% (nucleus samples) and 38% to 56% (greedy) on the demo's data: the frozen CLIP
+tokens named objects with the wrong shape or colour, or left objects out.
 The processor: BlipImageProcessor at the model's size with the platform's CLIP normalisation, and the
 shapes-world word-level BERT tokenizer of blip2/tokenizer.py with [DEC] as the decoder's bos (as BLIP).
 """
@@ -21,8 +24,8 @@ from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProc
 
 from blip2.tokenizer import build_qformer_tokenizer, shapes_vocabulary
 from pipelines.data.transforms import CLIP_MEAN, CLIP_STD
-from pipelines.foundation.common import (IGNORE, Sample, TrainingImages, draw_batch, loss_summary, train_loop,
-                                         write_dir_atomic)
+from pipelines.foundation.common import (IGNORE, Sample, TrainingImages, batch_images, draw_batch, loss_summary,
+                                         train_loop, write_dir_atomic)
 from pipelines.foundation.config import CaptionerConfig, FoundationConfig
 from pipelines.shapes.captions import caption_for
 from pipelines.shapes.checker import check_caption
@@ -82,6 +85,12 @@ def caption_batch(tokenizer, captions: Sequence[str], bos_token_id: int, max_len
     return {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "labels": labels}
 
 
+def preprocess(processor: BlipProcessor, images: Sequence[Image.Image], chunk: int = 512) -> torch.Tensor:
+    """The processor's pixel values of every image.  (N, 3, H, W)"""
+    return torch.cat([processor(images=list(images[start:start + chunk]), return_tensors="pt")["pixel_values"]
+                      for start in range(0, len(images), chunk)])
+
+
 @torch.no_grad()
 def image_embeddings(model: BlipForConditionalGeneration, processor: BlipProcessor, images: Sequence[Image.Image],
                      chunk: int = 256) -> torch.Tensor:
@@ -95,23 +104,36 @@ def image_embeddings(model: BlipForConditionalGeneration, processor: BlipProcess
     return torch.stack([torch.cat(parts) for parts in views])
 
 
-def train_captioner(model: BlipForConditionalGeneration, tokenizer, embeddings: torch.Tensor,
+def train_captioner(model: BlipForConditionalGeneration, processor: BlipProcessor, images: Sequence[Image.Image],
                     scenes_of: Sequence[Scene], cfg: CaptionerConfig, seed: int, progress: bool) -> list[float]:
     """BLIP's captioning LM loss on (image, true caption) pairs, a fresh caption of the scene at every draw.
-    The ViT is frozen, so its outputs (`embeddings`, (2, N, T, C)) come precomputed; only the decoder trains."""
+    With `cfg.vit_lr` > 0 the ViT runs on every batch and learns at that lr; at 0 it is frozen and its outputs
+    come precomputed once (both views of every image), so only the decoder runs."""
     rng = np.random.default_rng([seed, 2])
     bos = model.config.text_config.bos_token_id
-    model.vision_model.requires_grad_(False)
+    tokenizer = processor.tokenizer
+    fine_tune = cfg.vit_lr > 0
+    model.vision_model.requires_grad_(fine_tune)
+    if fine_tune:
+        pixels = preprocess(processor, images)  # (N, 3, H, W)
+        model.vision_model.train()
+    else:
+        embeddings = image_embeddings(model, processor, images)  # (2, N, T, C)
     model.text_decoder.train()
 
     def loss_at(step: int) -> torch.Tensor:
         index, flips, scenes = draw_batch(rng, scenes_of, cfg.batch)
         batch = caption_batch(tokenizer, [caption_for(scene, rng) for scene in scenes], bos, cfg.max_length)
-        image_embeds = embeddings[torch.as_tensor(flips).long(), torch.as_tensor(index)]  # (B, T, C)
+        if fine_tune:
+            image_embeds = model.vision_model(pixel_values=batch_images(pixels, index, flips)).last_hidden_state
+        else:
+            image_embeds = embeddings[torch.as_tensor(flips).long(), torch.as_tensor(index)]  # (B, T, C)
         return model.text_decoder(encoder_hidden_states=image_embeds, reduction="mean", **batch).loss
 
-    return train_loop(list(model.text_decoder.parameters()), loss_at, cfg.steps, cfg.lr, "foundation captioner",
-                      progress)
+    groups = [{"params": list(model.text_decoder.parameters()), "lr": cfg.lr}]
+    if fine_tune:
+        groups.append({"params": list(model.vision_model.parameters()), "lr": cfg.vit_lr})
+    return train_loop(groups, loss_at, cfg.steps, cfg.lr, "foundation captioner", progress)
 
 
 @torch.no_grad()
@@ -149,9 +171,7 @@ def foundation_captioner(cfg: FoundationConfig, training: TrainingImages, held: 
     processor = captioner_processor(cfg.image_size)
     model = build_captioner(cfg, processor.tokenizer)
     load_clip_vision(model.vision_model, clip_dir)
-    embeddings = image_embeddings(model, processor, training.images)  # (2, N, T, C)
-    losses = train_captioner(model, processor.tokenizer, embeddings, training.scenes, cfg.captioner, cfg.seed,
-                             progress)
+    losses = train_captioner(model, processor, training.images, training.scenes, cfg.captioner, cfg.seed, progress)
     write_dir_atomic(directory, lambda tmp: save_captioner(model.eval(), processor, tmp))
     seconds = time.perf_counter() - started
     return {**evaluate_captioner(directory, held, cfg.captioner, cfg.seed), **loss_summary(losses),

@@ -111,8 +111,10 @@ def batch_images(pixels: torch.Tensor, index: np.ndarray, flips: np.ndarray) -> 
 # ------------------------------------------------------------------------------------------- training
 def train_loop(params: list, loss_at: Callable[[int], torch.Tensor], steps: int, lr: float, desc: str,
                progress: bool) -> list[float]:
-    """AdamW with linear warmup (5%) and cosine decay to 10% of `lr`; returns the loss of every step."""
+    """AdamW with linear warmup (5%) and cosine decay to 10% of `lr`; returns the loss of every step.
+    `params`: tensors, or optimizer parameter groups (dicts, each may set its own "lr")."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # all of them, for the clip
     warmup = max(1, steps // 20)
 
     def factor(step: int) -> float:

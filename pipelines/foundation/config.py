@@ -49,8 +49,9 @@ class ClipConfig(_Section):
 
 
 class CaptionerConfig(_Section):
-    """Tiny BLIP captioner: a ViT shaped like the CLIP image tower (initialised from the trained CLIP and kept
-    frozen, as BLIP starts from a pretrained ViT) + a BERT-style text decoder cross-attending to it."""
+    """Tiny BLIP captioner: a ViT shaped like the CLIP image tower (initialised from the trained CLIP, as BLIP
+    starts from a pretrained ViT, and fine-tuned with the captioning loss at `vit_lr`, as BLIP fine-tunes its
+    ViT for captioning) + a BERT-style text decoder cross-attending to it."""
 
     text_width: int = Field(64, ge=16)
     text_layers: int = Field(2, ge=1)
@@ -59,6 +60,7 @@ class CaptionerConfig(_Section):
     steps: int = Field(1500, ge=1)
     batch: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
+    vit_lr: float = Field(2e-3, ge=0, description="peak lr of the ViT (same schedule as `lr`); 0 keeps it frozen")
     samples: int = Field(10, ge=1, description="nucleus samples per held-out image for the figure")
 
     @model_validator(mode="after")

@@ -96,8 +96,9 @@ def test_captioner_folder_loads_with_transformers_and_generates(trained):
     assert figures["loss_last"] < figures["loss_first"]
 
 
-def test_captioner_vit_starts_as_the_clip_vit(trained):
-    """open_clip's ViT without ln_pre and transformers' BLIP ViT compute the same tokens after the copy."""
+def test_captioner_vit_starts_as_the_clip_vit_and_is_fine_tuned(trained):
+    """open_clip's ViT without ln_pre and transformers' BLIP ViT compute the same tokens after the copy; the saved
+    captioner's ViT has moved from there (fine-tuned with the captioning loss, `captioner.vit_lr` > 0)."""
     _, result = trained
     clip = open_clip.create_model(f"local-dir:{result.clip_dir}").eval()
     blip = BlipForConditionalGeneration.from_pretrained(result.captioner_dir).eval()
@@ -109,7 +110,28 @@ def test_captioner_vit_starts_as_the_clip_vit(trained):
                                                 output_extra_tokens=True, intermediates_only=True)
         expected = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
         assert torch.allclose(fresh.vision_model(pixel_values=images).last_hidden_state, expected, atol=1e-5)
-        assert torch.allclose(blip.vision_model(pixel_values=images).last_hidden_state, expected, atol=1e-5)
+        tuned = blip.vision_model(pixel_values=images).last_hidden_state
+        assert tuned.shape == expected.shape and not torch.allclose(tuned, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("vit_lr", [0.0, 2e-3])
+def test_captioner_vit_is_frozen_at_vit_lr_zero_and_learns_otherwise(trained, curated, vit_lr):
+    from pipelines.foundation.captioner import build_captioner, captioner_processor, train_captioner
+
+    cfg, result = trained
+    samples, _ = load_curated([f"{curated}/{name}" for name in ("00000.tar", "00001.tar")], 64)
+    processor = captioner_processor(64)
+    model = build_captioner(cfg, processor.tokenizer)
+    load_clip_vision(model.vision_model, result.clip_dir)
+    before = {k: v.clone() for k, v in model.vision_model.state_dict().items()}
+    decoder_before = model.text_decoder.bert.embeddings.word_embeddings.weight.clone()
+    captioner_cfg = cfg.captioner.model_copy(update={"steps": 3, "vit_lr": vit_lr})
+    losses = train_captioner(model, processor, [s.image for s in samples], [s.scene for s in samples],
+                             captioner_cfg, 0, progress=False)
+    assert len(losses) == 3
+    moved = [k for k, v in model.vision_model.state_dict().items() if not torch.equal(v, before[k])]
+    assert (moved == []) if vit_lr == 0 else len(moved) > 10
+    assert not torch.equal(model.text_decoder.bert.embeddings.word_embeddings.weight, decoder_before)
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])
