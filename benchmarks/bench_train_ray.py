@@ -10,7 +10,7 @@ Ray reports every `log_every` steps (50; 10 with --quick), no system metrics, no
   * scaling: `scaling.workers=2` (global batch 16) against the 1-worker run, in the same Ray session.
 The runs come in `--repeats` pairs (default 5): one plain run and one Ray session (1 then 2 workers), in
 ABBA order (plain first in even pairs, Ray first in odd ones). The headline ratio is the median of the
-pairs' plain/Ray ratios: on a 2-core cloud box two identical plain runs differ by up to 25%, and a ratio
+pairs' plain/Ray ratios: on a 2-core cloud box two identical plain runs differ by up to 44%, and a ratio
 taken inside a pair, between neighbouring runs, is what cancels most of that drift. Means are reported too.
 
 Threads: the plain process uses torch's default (one thread a core: 2). Ray sets OMP_NUM_THREADS of an
@@ -185,30 +185,29 @@ def main() -> None:
         # use of the kernels, the allocator and the page cache in this process (it ran ~20% slower than later runs)
         plain, ones, twos, pair_ratios, ray_init_s, ray_shutdown_s = [], [], [], [], [], []
         ops_plain = op_timings()
-        ops_ray = None
-        for i in range(repeats):
-            # one pair: a plain run (no Ray running) and a Ray session (init, 1-worker run, 2-worker run,
-            # shutdown); the order flips every pair (ABBA) so slow drift of the box cancels in the median ratio
-            def plain_run():
-                plain.append(train_once(f"plain-{i}", shards, tmp, steps, log_every, workers=0))
+        ops_ray = {}
 
-            def ray_session():
-                nonlocal ops_ray
+        def plain_run(i: int) -> None:
+            plain.append(train_once(f"plain-{i}", shards, tmp, steps, log_every, workers=0))
+
+        def ray_session(i: int) -> None:
+            """Start Ray, run 1 then 2 workers, shut it down (timed)."""
+            started = time.perf_counter()
+            ray.init(num_cpus=2, include_dashboard=False)
+            ray_init_s.append(time.perf_counter() - started)
+            try:
+                if not ops_ray:
+                    ops_ray.update(ray.get(ray.remote(num_cpus=2)(op_timings).remote()))
+                ones.append(train_once(f"ray-1-{i}", shards, tmp, steps, log_every, workers=1, cpus=2.0))
+                twos.append(train_once(f"ray-2-{i}", shards, tmp, steps, log_every, workers=2, cpus=1.0))
+            finally:
                 started = time.perf_counter()
-                ray.init(num_cpus=2, include_dashboard=False)
-                ray_init_s.append(time.perf_counter() - started)
-                try:
-                    if ops_ray is None:
-                        ops_ray = ray.get(ray.remote(num_cpus=2)(op_timings).remote())
-                    ones.append(train_once(f"ray-1-{i}", shards, tmp, steps, log_every, workers=1, cpus=2.0))
-                    twos.append(train_once(f"ray-2-{i}", shards, tmp, steps, log_every, workers=2, cpus=1.0))
-                finally:
-                    started = time.perf_counter()
-                    ray.shutdown()
-                    ray_shutdown_s.append(time.perf_counter() - started)
+                ray.shutdown()
+                ray_shutdown_s.append(time.perf_counter() - started)
 
+        for i in range(repeats):  # one pair each; the order flips every pair (ABBA) so drift cancels in the median
             for part in ((plain_run, ray_session) if i % 2 == 0 else (ray_session, plain_run)):
-                part()
+                part(i)
             pair_ratios.append(plain[-1]["steps_per_s"] / ones[-1]["steps_per_s"])
             print(f"pair {i}: plain {plain[-1]['steps_per_s']} steps/s, Ray 1 worker {ones[-1]['steps_per_s']} "
                   f"steps/s, ratio {pair_ratios[-1]:.3f}", flush=True)

@@ -92,16 +92,12 @@ def preprocess(processor: BlipProcessor, images: Sequence[Image.Image], chunk: i
 
 
 @torch.no_grad()
-def image_embeddings(model: BlipForConditionalGeneration, processor: BlipProcessor, images: Sequence[Image.Image],
-                     chunk: int = 256) -> torch.Tensor:
-    """The frozen ViT's output for every image and for its mirror image.  (2, N, T, C)"""
+def image_embeddings(model: BlipForConditionalGeneration, pixels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """The frozen ViT's output for every image (`pixels`, (N, 3, H, W)) and for its mirror image.  (2, N, T, C)"""
     model.vision_model.eval()
-    views: list[list[torch.Tensor]] = [[], []]
-    for start in range(0, len(images), chunk):
-        pixels = processor(images=list(images[start:start + chunk]), return_tensors="pt")["pixel_values"]
-        for flip, view in enumerate((pixels, pixels.flip(-1))):
-            views[flip].append(model.vision_model(pixel_values=view).last_hidden_state)  # (b, T, C)
-    return torch.stack([torch.cat(parts) for parts in views])
+    return torch.stack([torch.cat([model.vision_model(pixel_values=view[start:start + chunk]).last_hidden_state
+                                   for start in range(0, len(view), chunk)])
+                        for view in (pixels, pixels.flip(-1))])
 
 
 def train_captioner(model: BlipForConditionalGeneration, processor: BlipProcessor, images: Sequence[Image.Image],
@@ -111,28 +107,27 @@ def train_captioner(model: BlipForConditionalGeneration, processor: BlipProcesso
     come precomputed once (both views of every image), so only the decoder runs."""
     rng = np.random.default_rng([seed, 2])
     bos = model.config.text_config.bos_token_id
-    tokenizer = processor.tokenizer
-    fine_tune = cfg.vit_lr > 0
-    model.vision_model.requires_grad_(fine_tune)
-    if fine_tune:
-        pixels = preprocess(processor, images)  # (N, 3, H, W)
-        model.vision_model.train()
+    pixels = preprocess(processor, images)  # (N, 3, H, W)
+    groups = [{"params": list(model.text_decoder.parameters()), "lr": cfg.lr}]
+    if cfg.vit_lr > 0:
+        model.vision_model.requires_grad_(True).train()
+        groups.append({"params": list(model.vision_model.parameters()), "lr": cfg.vit_lr})
+
+        def image_tokens(index: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+            return model.vision_model(pixel_values=batch_images(pixels, index, flips)).last_hidden_state
     else:
-        embeddings = image_embeddings(model, processor, images)  # (2, N, T, C)
+        model.vision_model.requires_grad_(False)
+        embeddings = image_embeddings(model, pixels)  # (2, N, T, C)
+
+        def image_tokens(index: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+            return embeddings[torch.as_tensor(flips).long(), torch.as_tensor(index)]
     model.text_decoder.train()
 
     def loss_at(step: int) -> torch.Tensor:
         index, flips, scenes = draw_batch(rng, scenes_of, cfg.batch)
-        batch = caption_batch(tokenizer, [caption_for(scene, rng) for scene in scenes], bos, cfg.max_length)
-        if fine_tune:
-            image_embeds = model.vision_model(pixel_values=batch_images(pixels, index, flips)).last_hidden_state
-        else:
-            image_embeds = embeddings[torch.as_tensor(flips).long(), torch.as_tensor(index)]  # (B, T, C)
-        return model.text_decoder(encoder_hidden_states=image_embeds, reduction="mean", **batch).loss
+        batch = caption_batch(processor.tokenizer, [caption_for(scene, rng) for scene in scenes], bos, cfg.max_length)
+        return model.text_decoder(encoder_hidden_states=image_tokens(index, flips), reduction="mean", **batch).loss
 
-    groups = [{"params": list(model.text_decoder.parameters()), "lr": cfg.lr}]
-    if fine_tune:
-        groups.append({"params": list(model.vision_model.parameters()), "lr": cfg.vit_lr})
     return train_loop(groups, loss_at, cfg.steps, cfg.lr, "foundation captioner", progress)
 
 
