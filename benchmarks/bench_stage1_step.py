@@ -12,7 +12,10 @@ over the whole (B, L, V) logits tensor. Candidate: this library's step (SDPA, im
 once and reused, last layer pruned to the rows a pass reads, chunked linear + cross-entropy). Also reports each step's FLOPs (torch's FlopCounterMode) and
 the achieved fraction of the ceiling.
 
-    .venv/bin/python benchmarks/bench_stage1_step.py [--size small|tiny] [--steps 6]
+With `--device cuda` both steps run on the GPU (fp32 with TF32 off, or `--precision bf16`: autocast, the
+ceiling then a bf16 matmul), timed with the device synchronised.
+
+    .venv/bin/python benchmarks/bench_stage1_step.py [--size small|tiny] [--steps 6] [--device cuda] [--precision fp32|bf16]
 """
 from __future__ import annotations
 
@@ -98,13 +101,22 @@ class ReferenceStyleStage1(Blip2Stage1):
         return self.qformer.image_kv(torch.cat([image_embeds, all_embeds[neg_images], image_embeds[own_rows]]))
 
 
-def matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def matmul_ceiling(n: int = 2048, repeats: int = 5, device: str = "cpu", dtype=torch.float32) -> float:
+    if device != "cpu":
+        n, repeats = 8192, 20
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         a @ b
+        sync()
         times.append(time.perf_counter() - start)
     return 2 * n ** 3 / min(times) / 1e9  # GFLOP/s
 
@@ -117,23 +129,27 @@ def build(size: dict, reference: bool) -> nn.Module:
     return ReferenceStyleStage1(cfg, visual) if reference else Blip2Stage1(cfg, visual=visual)
 
 
-def batch(size: dict):
+def batch(size: dict, device: str = "cpu"):
     g = torch.Generator().manual_seed(0)
     vocab = size["qformer"].vocab_size
     ids = torch.randint(5, vocab - 1, (size["batch"], size["length"]), generator=g)
     ids[:, 0] = 2  # [CLS]
-    return torch.randn(size["batch"], 3, 8, 8, generator=g), ids, torch.ones_like(ids)
+    return tuple(t.to(device) for t in (torch.randn(size["batch"], 3, 8, 8, generator=g), ids, torch.ones_like(ids)))
 
 
-def make_step(model: nn.Module, data):
+def make_step(model: nn.Module, data, precision: str = "fp32"):
+    device = data[0].device.type
+    model.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
     def step():
-        out = model(*data)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(*data)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
+        sync()
 
     return step
 
@@ -159,15 +175,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (GPU)")
     args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
     size = SIZES[args.size]
-    data = batch(size)
-    steps = {"reference": make_step(build(size, reference=True), data),
-             "ours": make_step(build(size, reference=False), data)}
+    data = batch(size, args.device)
+    steps = {"reference": make_step(build(size, reference=True), data, args.precision),
+             "ours": make_step(build(size, reference=False), data, args.precision)}
     flops = {name: step_flops(step) for name, step in steps.items()}  # also the warm-up step
-    ceiling_before = matmul_ceiling()
+    for step in steps.values():
+        step()  # a second warm-up (allocator, autotuning on GPUs)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    ceiling_before = matmul_ceiling(device=args.device, dtype=dtype)
     seconds = interleaved_seconds(steps, args.steps)
-    ceiling = (ceiling_before + matmul_ceiling()) / 2
+    ceiling = (ceiling_before + matmul_ceiling(device=args.device, dtype=dtype)) / 2
     ref_s, ours_s = seconds["reference"], seconds["ours"]
     ref_flops, ours_flops = flops["reference"], flops["ours"]
     per_100 = lambda seconds: size["batch"] / seconds / (ceiling / 100)  # noqa: E731
@@ -175,12 +197,14 @@ def main() -> None:
         "seconds_per_step": round(seconds, 4), "samples_per_s": round(size["batch"] / seconds, 2),
         "samples_per_s_per_100_gflops": round(per_100(seconds), 2), "gflop_per_step": round(flops / 1e9, 2),
         "fraction_of_peak": round(flops / seconds / 1e9 / ceiling, 3)}
+    suffix = "" if args.device == "cpu" else f"_{torch.device(args.device).type}_{args.precision}"
     write_result(
-        f"stage1_step_{args.size}", baseline={"what": "reference-style step", **describe(ref_s, ref_flops)},
+        f"stage1_step_{args.size}{suffix}", baseline={"what": "reference-style step", **describe(ref_s, ref_flops)},
         candidate={"what": "blip2.stage1 step", **describe(ours_s, ours_flops)},
         ratio=ref_s / ours_s, units="speed-up, reference-style seconds / ours",
         goal="candidate >= 8 samples/s per 100 GFLOP/s of matmul ceiling (reference about 5.3)",
-        extra={"matmul_ceiling_gflops": round(ceiling, 1), "size": args.size,
+        extra={"matmul_ceiling_gflops": round(ceiling, 1), "size": args.size, "device": args.device,
+               "precision": args.precision,
                "config": {k: (v.__dict__ if hasattr(v, "__dict__") else v) for k, v in size.items()}})
 
 

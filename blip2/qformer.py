@@ -191,15 +191,28 @@ class QFormer(nn.Module):
         return block.output(self._attend(q, kv[0], kv[1], None), queries)
 
     def _attend_shared(self, q: torch.Tensor, kv: SharedImageKV) -> torch.Tensor:
-        """Inference: each image's rows as one (1, H, n*Q, d) block against its keys/values. -> (B, H, Q, d)"""
-        _, heads, length, dim = q.shape
-        out, start = [], 0
-        for g, n in enumerate(kv.counts):
-            block = q[start:start + n].transpose(0, 1).reshape(1, heads, n * length, dim)
-            att = F.scaled_dot_product_attention(block, kv.key[g:g + 1], kv.value[g:g + 1])
-            out.append(att.reshape(heads, n, length, dim).transpose(0, 1))
-            start += n
-        return torch.cat(out)
+        """Inference, -> (B, H, Q, d). CPU: per image, no copies; GPU: one fused call, since a launch per image
+        would cost more there than gathering the keys/values per row."""
+        return (attend_shared_blocks if q.device.type == "cpu" else attend_shared_gathered)(q, kv)
+
+
+def attend_shared_blocks(q: torch.Tensor, kv: SharedImageKV) -> torch.Tensor:
+    """Each image's rows as one (1, H, n*Q, d) query block against its keys/values.  -> (B, H, Q, d)"""
+    _, heads, length, dim = q.shape
+    out, start = [], 0
+    for g, n in enumerate(kv.counts):
+        block = q[start:start + n].transpose(0, 1).reshape(1, heads, n * length, dim)
+        att = F.scaled_dot_product_attention(block, kv.key[g:g + 1], kv.value[g:g + 1])
+        out.append(att.reshape(heads, n, length, dim).transpose(0, 1))
+        start += n
+    return torch.cat(out)
+
+
+def attend_shared_gathered(q: torch.Tensor, kv: SharedImageKV) -> torch.Tensor:
+    """One attention call over the batch, each row's image keys/values gathered.  -> (B, H, Q, d)"""
+    counts = torch.tensor(kv.counts).to(q.device, non_blocking=True)
+    rows = torch.repeat_interleave(torch.arange(len(kv.counts), device=q.device), counts, output_size=q.shape[0])
+    return F.scaled_dot_product_attention(q, kv.key.index_select(0, rows), kv.value.index_select(0, rows))
 
 
 def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -219,7 +219,7 @@ def evaluate_retrieval(cfg: EvalConfig, output: str) -> dict[str, Any]:
     emb = embed_test_set(model, tokenizer, samples, cfg, device)
     embed_seconds = time.perf_counter() - started
     model = model.cpu() if device.type == "cpu" else model
-    emb_dev = _embeddings_to(emb, device)
+    emb_dev = emb if device.type == "cpu" else emb.to(device)
     started = time.perf_counter()
     if cfg.method == "faiss":
         result = retrieval.retrieve(model, emb_dev, cfg.k, cfg.itm_batch_size, cfg.image_chunk, progress=True)
@@ -235,15 +235,6 @@ def evaluate_retrieval(cfg: EvalConfig, output: str) -> dict[str, Any]:
             "seconds": {"embed": round(embed_seconds, 3), "retrieval": round(seconds, 3),
                         **{k: round(v, 3) for k, v in result.seconds.items()}},
             "plots": plots}
-
-
-def _embeddings_to(emb, device: torch.device):
-    if device.type == "cpu":
-        return emb
-    from pipelines.retrieval import Embeddings
-
-    return Embeddings(emb.image_feats, emb.image_embeds.to(device), emb.text_feats, emb.text_ids.to(device),
-                      emb.text_mask.to(device), emb.txt2img, emb.img2txt)
 
 
 # ------------------------------------------------------------------------------------------ generation

@@ -53,6 +53,11 @@ class Embeddings:
                 or len(self.img2txt) != ni:
             raise ValueError("retrieval embeddings: image/text tensors and the id mappings disagree in length")
 
+    def to(self, device: torch.device | str) -> "Embeddings":
+        """The same embeddings with every tensor on `device` (the id mappings stay numpy/lists)."""
+        return Embeddings(self.image_feats.to(device), self.image_embeds.to(device), self.text_feats.to(device),
+                          self.text_ids.to(device), self.text_mask.to(device), self.txt2img, self.img2txt)
+
 
 @dataclass
 class Candidates:
@@ -154,7 +159,7 @@ def itc_matrix(image_feats: torch.Tensor, text_feats: torch.Tensor, chunk: int =
 
 def itc_topk_exact(image_feats: torch.Tensor, text_feats: torch.Tensor, k: int) -> tuple[Candidates, Candidates]:
     """Brute force: the same top-k as `itc_topk_faiss` from the full ITC matrix (torch)."""
-    sim = itc_matrix(image_feats, text_feats).numpy()
+    sim = itc_matrix(image_feats, text_feats).cpu().numpy()
     k_txt, k_img = min(k, sim.shape[1]), min(k, sim.shape[0])
     cols = np.broadcast_to(np.arange(sim.shape[1]), sim.shape)
     rows = np.broadcast_to(np.arange(sim.shape[0]), sim.T.shape)
@@ -171,9 +176,12 @@ def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return values[starts], starts, np.diff(np.r_[starts, len(values)])
 
 
-def auto_batch_size(model, emb: Embeddings, activation_floats: int = 1 << 20) -> int:
+def auto_batch_size(model, emb: Embeddings, activation_floats: int | None = None) -> int:
     """Pairs per ITM batch whose hidden states ((Q + L) x hidden) hold about `activation_floats` floats: large
-    enough to amortise per-op costs, small enough to stay in cache (bigger batches ran slower on CPU)."""
+    enough to amortise per-op costs, small enough to stay in cache on CPU (bigger batches ran slower there);
+    on a GPU 16x more, to fill the device and keep launches few."""
+    if activation_floats is None:
+        activation_floats = 1 << 20 if emb.image_embeds.device.type == "cpu" else 1 << 24
     rows = model.query_tokens.shape[1] + emb.text_ids.shape[1]
     return max(8, activation_floats // (rows * model.cfg.qformer.hidden_size))
 
@@ -242,7 +250,8 @@ def retrieve(model, emb: Embeddings, k: int = 128, batch_size: int | None = None
 
 def retrieve_row_by_row(model, emb: Embeddings, k: int = 128, progress: bool = False) -> RetrievalResult:
     """The reference's procedure: full ITC matrix; per image, then per text, topk and one ITM batch of the row's
-    k pairs, each pair's image keys/values computed anew (`itm_scores` of the repeated image tokens)."""
+    k pairs, each pair's image keys/values computed anew (`itm_scores` of the repeated image tokens). As the
+    reference, each row's results are written into tensors on the embeddings' device and read back once."""
     seconds = {}
     started = time.perf_counter()
     sim = itc_matrix(emb.image_feats, emb.text_feats)
@@ -250,21 +259,22 @@ def retrieve_row_by_row(model, emb: Embeddings, k: int = 128, progress: bool = F
     ni, nt = sim.shape
     k_txt, k_img = min(k, nt), min(k, ni)
     started = time.perf_counter()
-    i2t_ids, i2t_itc, i2t_final = (np.empty((ni, k_txt), np.int64), np.empty((ni, k_txt), np.float32),
-                                   np.empty((ni, k_txt), np.float32))
-    t2i_ids, t2i_itc, t2i_final = (np.empty((nt, k_img), np.int64), np.empty((nt, k_img), np.float32),
-                                   np.empty((nt, k_img), np.float32))
+    new = lambda rows, width, dtype: torch.empty(rows, width, dtype=dtype, device=sim.device)  # noqa: E731
+    i2t_ids, i2t_itc, i2t_final = new(ni, k_txt, torch.long), new(ni, k_txt, torch.float), new(ni, k_txt, torch.float)
+    t2i_ids, t2i_itc, t2i_final = new(nt, k_img, torch.long), new(nt, k_img, torch.float), new(nt, k_img, torch.float)
     with torch.inference_mode():
         for i in tqdm(range(ni), desc="i2t rows", disable=not progress, mininterval=1.0):
             top_sim, top_idx = sim[i].topk(k_txt)
             itm = model.itm_scores(emb.image_embeds[i:i + 1].expand(k_txt, -1, -1), emb.text_ids[top_idx],
                                    emb.text_mask[top_idx])
-            i2t_ids[i], i2t_itc[i], i2t_final[i] = top_idx.numpy(), top_sim.numpy(), (itm + top_sim).numpy()
+            i2t_ids[i], i2t_itc[i], i2t_final[i] = top_idx, top_sim, itm + top_sim
         for t in tqdm(range(nt), desc="t2i rows", disable=not progress, mininterval=1.0):
             top_sim, top_idx = sim[:, t].topk(k_img)
             itm = model.itm_scores(emb.image_embeds[top_idx], emb.text_ids[t:t + 1].expand(k_img, -1),
                                    emb.text_mask[t:t + 1].expand(k_img, -1))
-            t2i_ids[t], t2i_itc[t], t2i_final[t] = top_idx.numpy(), top_sim.numpy(), (itm + top_sim).numpy()
+            t2i_ids[t], t2i_itc[t], t2i_final[t] = top_idx, top_sim, itm + top_sim
+    i2t_ids, i2t_itc, i2t_final, t2i_ids, t2i_itc, t2i_final = (
+        x.cpu().numpy() for x in (i2t_ids, i2t_itc, i2t_final, t2i_ids, t2i_itc, t2i_final))
     seconds["itm"] = time.perf_counter() - started
     return RetrievalResult(_order(i2t_ids, i2t_final, k_txt), _order(t2i_ids, t2i_final, k_img),
                            _order(i2t_ids, i2t_itc, k_txt), _order(t2i_ids, t2i_itc, k_img),

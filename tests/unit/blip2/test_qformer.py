@@ -152,3 +152,19 @@ def test_fast_dropout_keeps_the_expectation():
     model = QFormer(tiny_qformer(), encoder_width=WIDTH)
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
     assert any(isinstance(m, Dropout) for m in model.modules())
+
+
+def test_shared_image_kv_paths_agree_with_per_row_keys():
+    """Retrieval's shared image keys/values: the per-image blocks (CPU) and the gathered single call (GPU) both
+    equal plain attention against each row's own copy of its image's keys/values."""
+    from blip2.qformer import SharedImageKV, attend_shared_blocks, attend_shared_gathered
+
+    g = torch.Generator().manual_seed(3)
+    counts = [3, 1, 4]
+    q = torch.randn(sum(counts), 2, 5, 8, generator=g)
+    key, value = torch.randn(3, 2, 7, 8, generator=g), torch.randn(3, 2, 7, 8, generator=g)
+    rows = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2])
+    expected = torch.nn.functional.scaled_dot_product_attention(q, key[rows], value[rows])
+    kv = SharedImageKV(key, value, counts)
+    torch.testing.assert_close(attend_shared_blocks(q, kv), expected)
+    torch.testing.assert_close(attend_shared_gathered(q, kv), expected)

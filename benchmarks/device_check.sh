@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks of one device lease, as one call (see BENCHMARKS.md, "GPU"): the CUDA tests (mixed precision), retrieval
+# evaluation ours vs row-by-row on the GPU (tiny and small model, N=1000 and 5000), and the stage-1 step in fp32
+# and bf16. Each part has its own time limit; everything it prints goes to $OUT/device.log and the results
+# JSON to $OUT/results.tar.
+#   run on the device machine:  bash benchmarks/device_check.sh        (carry .whl: wheels the image lacks)
+#   dry run here on the CPU:     DEV=cpu QUICK=1 NO_WHEELS=1 PY=.venv/bin/python OUT=/tmp/dc bash benchmarks/device_check.sh
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+DEV=${DEV:-cuda}
+OUT=${OUT:-/tmp/device_check}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+if [ -z "${NO_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+if [ -n "${QUICK:-}" ]; then TINY="200"; SMALL="20 40"; STEPS=2; SIZE=tiny; else
+  TINY="1000 5000"; SMALL="1000 5000"; STEPS=20; SIZE=small; fi
+
+part() {  # part NAME SECONDS COMMAND...: run with a time limit, log it, print its last lines
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo "=== $name: $*" | tee -a "$OUT/device.log"
+  timeout "$limit" "$@" >"$OUT/part.log" 2>&1
+  rc=$?
+  cat "$OUT/part.log" >>"$OUT/device.log"
+  echo "=== $name: rc=$rc in $((SECONDS - start)) s" | tee -a "$OUT/device.log"
+  grep -E "passed|failed|Error|speedup|samples_per_s_per_100|\"ratio\"|matmul_ceiling" "$OUT/part.log" | tail -n 6
+  rm -f "$OUT/part.log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  $PY -c "import torch, transformers, faiss; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'faiss', faiss.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
+} 2>&1 | tee -a "$OUT/device.log"
+part tests 120 $PY -m pytest -q -p no:cacheprovider tests/unit/blip2/test_cuda.py tests/unit/blip2/test_losses.py \
+  tests/unit/blip2/test_vision.py tests/unit/blip2/test_qformer.py tests/unit/pipelines/test_retrieval.py
+part retrieval_tiny 150 $PY benchmarks/bench_retrieval.py --device "$DEV" --sizes $TINY
+part stage1_fp32 45 $PY benchmarks/bench_stage1_step.py --device "$DEV" --size $SIZE --steps $STEPS
+if [ "$DEV" != cpu ]; then
+  part stage1_bf16 45 $PY benchmarks/bench_stage1_step.py --device "$DEV" --size $SIZE --steps $STEPS --precision bf16
+fi
+part retrieval_small 150 $PY benchmarks/bench_retrieval.py --device "$DEV" --model small --sizes $SMALL
+tar -cf "$OUT/results.tar" -C benchmarks/results .
