@@ -10,7 +10,8 @@ Embedding the test set is common to both and not timed. With `--device cuda` bot
 and every embedding tensor there; FAISS on the GPU when faiss-gpu is installed, else on the CPU), each
 procedure once untimed on a small slice first so that neither pays CUDA's start-up costs.
 
-    .venv/bin/python benchmarks/bench_retrieval.py [--sizes 1000 5000] [--k 128] [--model tiny|small] [--device cpu|cuda]
+    .venv/bin/python benchmarks/bench_retrieval.py [--sizes 1000 5000] [--k 128] [--model tiny|small]
+        [--device cpu|cuda]
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ the achieved fraction of the ceiling.
 With `--device cuda` both steps run on the GPU (fp32 with TF32 off, or `--precision bf16`: autocast, the
 ceiling then a bf16 matmul), timed with the device synchronised.
 
-    .venv/bin/python benchmarks/bench_stage1_step.py [--size small|tiny] [--steps 6] [--device cuda] [--precision fp32|bf16]
+    .venv/bin/python benchmarks/bench_stage1_step.py [--size small|tiny] [--steps 6] [--device cuda]
+        [--precision fp32|bf16]
 """
 from __future__ import annotations
 
