@@ -47,6 +47,25 @@ def test_ivf_pq_reaches_the_recall_target_at_its_tuned_parameters():
     assert index.recall_at(ivf, exact, _clustered(150, 32, seed=2)) >= 0.9
 
 
+def test_ivf_kmeans_runs_on_the_clustering_index_given():
+    """The GPU build's path (its k-means assignments on another flat index, a GPU one there), here with a CPU
+    flat index: that index is used (it ends holding the centroids) and the recall target is still reached."""
+    import faiss
+
+    vectors, queries = _clustered(12_000, 32, seed=0), _clustered(150, 32, seed=1)
+    made = []
+
+    def clustering(dim, metric):
+        made.append(faiss.IndexFlatIP(dim) if metric == faiss.METRIC_INNER_PRODUCT else faiss.IndexFlatL2(dim))
+        return made[-1]
+
+    ivf, _, params = index._new_index("ivf_pq", vectors, seed=0, clustering=clustering)
+    assert len(made) == 1 and made[0].ntotal == params["nlist"]
+    ivf.add(vectors)
+    _, recall = index.tune(ivf, "ivf_pq", vectors, queries, target=0.95)
+    assert recall >= 0.95
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
