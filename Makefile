@@ -4,13 +4,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(VENV)/bin/pip
 CONSTRAINTS ?= infra/constraints-cpu.txt
 RUN_ROOT ?= runs/demo
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
-# this machine's pip config lists local indexes that warn once per package they do not hold
-QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -23,14 +20,10 @@ export TRANSFORMERS_OFFLINE := 1
 
 venv: $(STAMP)
 
-# torch first, pinned (this machine has these wheels on disk); then the project with the CPU constraints;
-# then drop the `dataclasses` backport img2dataset pulls in (it shadows the stdlib, see ENVIRONMENT.md).
-$(STAMP): pyproject.toml $(CONSTRAINTS)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -c $(CONSTRAINTS) torch torchvision 2>&1 | $(QUIET_PIP)
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[cpu,dev]' 2>&1 | $(QUIET_PIP)
-	$(PIP) uninstall --yes --quiet dataclasses || true
-	$(PY) -c "import dataclasses, sys; assert 'site-packages' not in dataclasses.__file__, dataclasses.__file__"
+# infra/venv.sh: uv with this machine's pip configuration (~1 min; plain pip when uv is unavailable: ~5 min),
+# torch pinned by the constraints (this machine has those wheels on disk), then drops the `dataclasses` backport
+$(STAMP): pyproject.toml $(CONSTRAINTS) infra/venv.sh
+	PYTHON=$(PYTHON) infra/venv.sh $(VENV) $(CONSTRAINTS) cpu,dev
 	touch $(STAMP)
 
 # the whole pipeline as one `full-pretrain` Prefect flow run (in-process, ephemeral API under the run root)
