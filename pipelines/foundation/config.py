@@ -80,6 +80,9 @@ class LanguageModelConfig(_Section):
     steps: int = Field(300, ge=1)
     batch: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
+    context_share: float = Field(0.5, ge=0, le=1, description="share of training texts whose later part depends on "
+                                 "an earlier caption of the same scene ('caption . caption', 'caption . Question: "
+                                 ".. Answer: ..'): a real LLM has read such text, and zero-shot VQA relies on it")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "LanguageModelConfig":
@@ -99,7 +102,8 @@ class FoundationConfig(StepConfig):
     models: list[Literal["clip", "captioner", "opt", "t5"]] = Field(default_factory=lambda: list(MODELS))
     clip: ClipConfig = Field(default_factory=ClipConfig)
     captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)
-    opt: LanguageModelConfig = Field(default_factory=LanguageModelConfig)
+    opt: LanguageModelConfig = Field(default_factory=lambda: LanguageModelConfig(steps=600),
+                                     description="stage 2's LLM in the demo: reading context takes it ~600 steps")
     t5: LanguageModelConfig = Field(default_factory=LanguageModelConfig)
 
     @field_validator("models")

@@ -4,7 +4,9 @@
 The architectures and tokenizers are blip2/llm.py's (`llm_architecture`, `tiny_llm_tokenizer`: OPT pad 1,
 bos = eos 2 prepended and "\\n" -> eos; T5 pad 0 = decoder start, eos 1 appended), so `build_llm(LLMConfig(
 kind, name=<dir>, ...))` loads them. Training text: true captions of the curated scenes (OPT: the whole
-caption; T5: prefix -> rest, as stage 2's prefix-LM) and the curated questions in stage 2's VQA prompt format.
+caption; T5: prefix -> rest, as stage 2's prefix-LM) and the curated questions in stage 2's VQA prompt format,
+half of them after a caption of the same scene (`context_share`), so that the model learns to answer from the text
+before it, as a real LLM does (held-out figure: `context_answer_accuracy` against `answer_accuracy`).
 """
 from __future__ import annotations
 
@@ -32,19 +34,24 @@ def lm_tokenizer(kind: str, texts: Sequence[str]):
     return tiny_llm_tokenizer(kind, list(SHAPES_WORDS) + sorted(words - set(SHAPES_WORDS)))
 
 
-def lm_texts(samples: Sequence[Sample], rng: np.random.Generator, count: int, kind: str) -> list[tuple[str, str]]:
+def lm_texts(samples: Sequence[Sample], rng: np.random.Generator, count: int, kind: str,
+             context_share: float = 0.0) -> list[tuple[str, str]]:
     """`count` (source, target) pairs: half a caption split into prefix / rest (a fresh true caption of a
-    random scene), half a VQA prompt / its one-word answer. OPT trains on source + " " + target."""
+    random scene), half a VQA prompt / its one-word answer. A `context_share` of them first state the scene in
+    a caption: "caption . " + another caption of it, or "caption . " + VQA prompt / answer, so that the model
+    learns to take what it says from the text before (as stage 2's visual prompts come before the text).
+    OPT trains on source + " " + target."""
     pairs = []
     for _ in range(count):
         sample = samples[int(rng.integers(len(samples)))]
-        if rng.random() < 0.5 or not sample.questions:
-            words = caption_for(sample.scene, rng).split()
-            split = int(rng.integers(1, max(1, len(words) // 2) + 1))
-            pairs.append((" ".join(words[:split]), " ".join(words[split:])))
-        else:
+        context = caption_for(sample.scene, rng) + " . " if rng.random() < context_share else ""
+        if sample.questions and rng.random() < (0.6 if context else 0.5):
             question = sample.questions[int(rng.integers(len(sample.questions)))]
-            pairs.append((VQA_TEMPLATES[kind].format(question["question"]), question["answer"]))
+            pairs.append((context + VQA_TEMPLATES[kind].format(question["question"]), question["answer"]))
+        else:
+            words = caption_for(sample.scene, rng).split()
+            split = 0 if context else int(rng.integers(1, max(1, len(words) // 2) + 1))
+            pairs.append(((context + " ".join(words[:split])).strip(), " ".join(words[split:])))
     return pairs
 
 
@@ -89,7 +96,7 @@ def train_lm(model: PreTrainedModel, tokenizer, kind: str, samples: Sequence[Sam
     model.train()
 
     def loss_at(step: int) -> torch.Tensor:
-        return model(**lm_batch(tokenizer, kind, lm_texts(samples, rng, cfg.batch, kind))).loss
+        return model(**lm_batch(tokenizer, kind, lm_texts(samples, rng, cfg.batch, kind, cfg.context_share))).loss
 
     return train_loop(list(model.parameters()), loss_at, cfg.steps, cfg.lr, f"foundation {kind}", progress)
 
@@ -107,7 +114,32 @@ def evaluate_lm(directory: Path, kind: str, held: Sequence[Sample], seed: int, c
         targets = int((labels != IGNORE).sum())
         total += float(model(**batch).loss) * targets
         tokens += targets
-    return {"held_out_loss": total / tokens, "held_out_perplexity": math.exp(total / tokens)}
+    return {"held_out_loss": total / tokens, "held_out_perplexity": math.exp(total / tokens),
+            "answer_accuracy": answer_accuracy(model, tokenizer, kind, held, seed, context=False),
+            "context_answer_accuracy": answer_accuracy(model, tokenizer, kind, held, seed, context=True)}
+
+
+@torch.no_grad()
+def answer_accuracy(model: PreTrainedModel, tokenizer, kind: str, held: Sequence[Sample], seed: int,
+                    context: bool) -> float:
+    """Share of the held-out images' questions whose answer's first token is the model's top next token after
+    the VQA prompt, alone or after a caption of the scene ("caption . Question: .. Answer:"): how far the model
+    answers from what the text before it says rather than from the answers' prior."""
+    rng = np.random.default_rng([seed, 13])
+    pairs = [((caption_for(s.scene, rng) + " . " if context else "") + VQA_TEMPLATES[kind].format(q["question"]),
+              q["answer"]) for s in held for q in s.questions]
+    hits = []
+    for start in range(0, len(pairs), 64):
+        chunk = pairs[start:start + 64]
+        batch = lm_batch(tokenizer, kind, chunk)
+        logits = model(**batch).logits
+        if kind == "opt":  # the answer's first token follows the prompt's tokens (bos included)
+            first = torch.tensor([len(tokenizer(source)["input_ids"]) for source, _ in chunk])
+            rows = torch.arange(len(chunk))
+            hits += (logits[rows, first - 1].argmax(-1) == batch["input_ids"][rows, first]).tolist()
+        else:
+            hits += (logits[:, 0].argmax(-1) == batch["labels"][:, 0]).tolist()
+    return float(np.mean(hits)) if hits else float("nan")
 
 
 def foundation_lm(kind: str, cfg: FoundationConfig, train: Sequence[Sample], held: Sequence[Sample],

@@ -4,6 +4,7 @@ The quality figures at default settings are measured by hand (see the step's rep
 import json
 
 import open_clip
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -18,6 +19,7 @@ from pipelines import foundation
 from pipelines.config import ConfigError
 from pipelines.foundation.captioner import load_clip_vision
 from pipelines.foundation.clip import object_regions
+from pipelines.data.shards import expand_shards
 from pipelines.foundation.common import load_curated
 from pipelines.shapes.scene import Obj, Scene
 from pipelines.shapes.shards import pack_split
@@ -153,6 +155,36 @@ def test_llm_folders_load_with_auto_classes_and_build_llm(trained, kind):
     assert not any(p.requires_grad for p in llm.parameters()) and len(llm_tokenizer) == overrides["vocab_size"]
     figures = result.metrics[kind]
     assert figures["loss_last"] < figures["loss_first"] and figures["held_out_perplexity"] > 1.0
+    assert 0.0 <= figures["answer_accuracy"] <= 1.0 and 0.0 <= figures["context_answer_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_lm_texts_state_the_scene_first_at_the_context_share(curated, share):
+    """With context, every text opens with a true caption of its scene, then either another true caption (all
+    of it the target) or a VQA prompt whose answer that scene settles; without, none opens with a caption."""
+    from pipelines.foundation.language import lm_texts
+    from pipelines.shapes.checker import check_caption
+
+    samples, _ = load_curated(expand_shards(curated), 64)
+    sample = next(s for s in samples if s.questions)
+    pairs = lm_texts([sample], np.random.default_rng(0), 200, "opt", context_share=share)
+    with_context = [(source, target) for source, target in pairs if " . " in f"{source} "]
+    if share == 0.0:
+        assert with_context == []
+        return
+    assert len(with_context) == len(pairs)
+    answers = {q["answer"] for q in sample.questions}
+    asked = 0
+    for source, target in pairs:
+        opening, _, rest = f"{source} ".partition(" . ")
+        assert check_caption(opening, sample.scene).correct, opening
+        if rest.strip():
+            asked += 1
+            assert rest.strip().startswith("Question:") and source.endswith("Answer:") and target in answers
+        else:
+            assert check_caption(target, sample.scene).correct, target
+    assert 80 < asked < 160  # 60% questions
+
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])
