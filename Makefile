@@ -20,7 +20,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 venv: $(STAMP)
 
-# infra/venv.sh: uv with this machine's pip configuration (~1 min; plain pip when uv is unavailable: ~5 min),
+# infra/venv.sh: uv with this machine's pip configuration (< 2 min; plain pip when uv is unavailable: ~5.5 min),
 # torch pinned by the constraints (this machine has those wheels on disk), then drops the `dataclasses` backport
 $(STAMP): pyproject.toml $(CONSTRAINTS) infra/venv.sh
 	PYTHON=$(PYTHON) infra/venv.sh $(VENV) $(CONSTRAINTS) cpu,dev

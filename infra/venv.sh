@@ -39,7 +39,8 @@ install_with_uv() {
     cert=$("$PY" -m pip config list 2>/dev/null | sed -n "s/^[^=]*\.cert='\(.*\)'$/\1/p" | head -n 1)
     # shellcheck disable=SC2046  # the options are shell-quoted by uv_options
     eval "set -- $(uv_options)"
-    SSL_CERT_FILE=${cert:-${SSL_CERT_FILE:-}} UV_HTTP_TIMEOUT=${UV_HTTP_TIMEOUT:-180} \
+    if [ -n "$cert" ]; then export SSL_CERT_FILE="$cert"; fi  # pip's certificate bundle, when it names one
+    UV_HTTP_TIMEOUT=${UV_HTTP_TIMEOUT:-180} \
         "$VENV/bin/uv" pip install --quiet --compile-bytecode --python "$PY" --index-strategy unsafe-best-match "$@" \
         -c "$CONSTRAINTS" torch torchvision -e ".[$EXTRAS]"
 }
