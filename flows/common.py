@@ -14,9 +14,11 @@ def prefect_environment() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
-        os.environ["PREFECT_HOME"] = os.path.abspath(os.path.join("runs", ".prefect"))
-        os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
+    if not os.environ.get("PREFECT_API_URL"):
+        if not os.environ.get("PREFECT_HOME"):
+            os.environ["PREFECT_HOME"] = os.path.abspath(os.path.join("runs", ".prefect"))
+        # the ephemeral API keeps its database there; a home not made yet would crash it with a raw traceback
+        os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)
 
 
 def cache_policy(key: str, where: str):

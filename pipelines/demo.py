@@ -60,8 +60,10 @@ def print_summary(summary: dict[str, Any], run_root: str) -> None:
     print(f"== retrieval ({r['images']} test images, {r['texts']} captions): image->text R@1/5/10 {r['txt_r1']:.1f}/"
           f"{r['txt_r5']:.1f}/{r['txt_r10']:.1f}, text->image {r['img_r1']:.1f}/{r['img_r5']:.1f}/{r['img_r10']:.1f}"
           f" (chance R@1 {r['chance_r1']:.1f})")
-    print(f"== caption: CIDEr {summary['caption']['cider']:.3f}, checker accuracy {summary['caption']['accuracy']:.1%};"
-          f" VQA accuracy {summary['vqa']['accuracy']:.1%}")
+    c = summary["caption"]
+    print(f"== caption: CIDEr {c['cider']:.3f}, checker accuracy {c['accuracy']:.1%} (objects named by colour + shape "
+          f"{c.get('object_recall', 0):.1%}, true mentions {c.get('mention_precision', 0):.1%}); "
+          f"VQA accuracy {summary['vqa']['accuracy']:.1%}")
     ix = summary["index"]
     print(f"== index: {ix['images']} images ({ix['index_type']}, recall@10 {ix['recall_at_10']:.2f}) at {ix['path']};"
           f" gallery {ix['gallery']}")

@@ -238,11 +238,22 @@ def evaluate_retrieval(cfg: EvalConfig, output: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ generation
-def _checker():
-    from pipelines.shapes.checker import check_caption
+def checker_scores(predictions: dict[str, str], scenes: dict[str, str]) -> dict[str, float]:
+    """The caption checker over generated captions: `accuracy` (share fully correct: every object named by colour
+    and shape, nothing false), and partial credit: `object_recall` (share of the scenes' objects named by colour
+    and shape) and `mention_precision` (share of the captions' object mentions that are true in their scene)."""
+    from pipelines.shapes.checker import check_caption, count_facts
     from pipelines.shapes.scene import Scene
 
-    return lambda caption, scene: check_caption(caption, Scene.from_json(scene)).correct
+    correct, objects, named, mentions, true_mentions = [], 0, 0, 0, 0
+    for key, scene_json in scenes.items():
+        scene = Scene.from_json(scene_json)
+        correct.append(check_caption(predictions[key], scene).correct)
+        counts = count_facts(predictions[key], scene)
+        objects, named = objects + counts.objects, named + counts.named
+        mentions, true_mentions = mentions + counts.mentions, true_mentions + counts.true_mentions
+    return {"accuracy": float(np.mean(correct)), "object_recall": named / max(objects, 1),
+            "mention_precision": true_mentions / max(mentions, 1)}
 
 
 def evaluate_caption(cfg: EvalConfig, output: str) -> dict[str, Any]:
@@ -259,10 +270,9 @@ def evaluate_caption(cfg: EvalConfig, output: str) -> dict[str, Any]:
             predictions.update({samples[start + i].key: t for i, t in enumerate(texts)})
     scores = caption_scores({s.key: s.captions for s in samples}, predictions, spice=cfg.spice)
     metrics: dict[str, Any] = {"cider": scores["cider"], "spice": scores["spice"]}
-    scored = [s for s in samples if s.scene]
-    if scored:
-        check = _checker()
-        metrics["accuracy"] = float(np.mean([check(predictions[s.key], s.scene) for s in scored]))
+    scenes = {s.key: s.scene for s in samples if s.scene}
+    if scenes:
+        metrics.update(checker_scores(predictions, scenes))
     examples = [{"key": s.key, "generated": predictions[s.key], "references": s.captions[:2]} for s in samples[:20]]
     _write_json(io.join(output, "caption_predictions.json"), predictions)
     return {"kind": "caption", "checkpoint": path, "images": len(samples), "skipped_samples": skipped.total(),

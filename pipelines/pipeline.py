@@ -154,7 +154,8 @@ def step_evaluate(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict
         generation = cfg.generation.model_copy(update=tracked)
         caption = evaluate.run("caption", generation, cfg.path("eval"))
         out["caption"] = {"cider": round(caption["metrics"]["cider"], 4),
-                          "accuracy": round(caption["metrics"].get("accuracy") or 0.0, 4),
+                          **{k: round(caption["metrics"].get(k) or 0.0, 4)
+                             for k in ("accuracy", "object_recall", "mention_precision")},
                           "examples": caption["examples"][:3]}
         vqa = evaluate.run("vqa", generation, cfg.path("eval"))
         out["vqa"] = {k: round(v, 4) for k, v in vqa["metrics"].items() if isinstance(v, (int, float))}

@@ -243,3 +243,23 @@ def check_caption(caption: str, scene: Scene) -> Verdict:
     false_facts += [r for r in (_relation_reason(parse, rel, scene) for rel in parse.relations) if r]
     missing = [f"{o.color} {o.shape} not mentioned" for o in scene.objects if not _is_named(o, parse)]
     return Verdict(consistent=not false_facts, complete=not missing, reasons=tuple(false_facts + missing))
+
+
+@dataclass(frozen=True)
+class FactCounts:
+    """Partial credit for one caption: how many scene objects it names by colour + shape, and how many of its
+    mentions state only true facts (sums over captions give `object_recall` and `mention_precision`)."""
+
+    objects: int
+    named: int
+    mentions: int
+    true_mentions: int
+
+
+def count_facts(caption: str, scene: Scene) -> FactCounts:
+    """The counts behind `check_caption`'s two halves: complete = every object named, consistent = no false
+    mention (and relation)."""
+    parse = parse_caption(caption)
+    stating = [m for m in parse.mentions if m.states_anything()]
+    return FactCounts(objects=len(scene.objects), named=sum(_is_named(o, parse) for o in scene.objects),
+                      mentions=len(stating), true_mentions=sum(_mention_reason(m, scene) is None for m in stating))

@@ -63,6 +63,7 @@ def test_demo_writes_the_summary_and_resumes(tmp_path):
     assert retrieval["images"] == test_images and retrieval["chance_r1"] == pytest.approx(100 / test_images, abs=0.01)
     assert {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"} <= set(retrieval)
     assert 0 <= summary["caption"]["accuracy"] <= 1 and summary["caption"]["cider"] >= 0
+    assert all(0 <= summary["caption"][k] <= 1 for k in ("object_recall", "mention_precision"))
     assert 0 <= summary["vqa"]["accuracy"] <= 1
     assert summary["index"]["images"] == download["splits"]["curated"]["succeeded"]
     assert (tmp_path / "index" / "index.faiss").exists() and (tmp_path / "index" / "gallery.html").exists()

@@ -60,3 +60,13 @@ def test_a_cached_step_is_skipped_until_its_records_are_deleted(harness, tmp_pat
     shutil.rmtree(where)  # the step's outputs (and with them its records) deleted: it runs again
     twice("k1")
     assert calls == [3, 3, 3]
+
+
+def test_prefect_environment_makes_the_ephemeral_api_home(tmp_path, monkeypatch):
+    from flows.common import prefect_environment
+
+    home = tmp_path / "not" / "made" / ".prefect"
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    prefect_environment()
+    assert home.is_dir()  # the API's database goes there; before, a missing home crashed the server at start

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipelines.shapes.captions import NOISE_KINDS, SPAM, STYLES, caption_for, compose, describe, noisy_caption
-from pipelines.shapes.checker import check_caption, parse_caption, swap_left_right
+from pipelines.shapes.checker import FactCounts, check_caption, count_facts, parse_caption, swap_left_right
 from pipelines.shapes.questions import questions_for
 from pipelines.shapes.render import RADIUS, jittered_centres, render
 from pipelines.shapes.scene import (COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, above, left_of,
@@ -211,6 +211,32 @@ def test_checker_hand_written_cases(caption, consistent, complete):
     assert (verdict.consistent, verdict.complete) == (consistent, complete), verdict.reasons
     assert verdict.correct == (consistent and complete)
     assert verdict.correct or verdict.reasons
+
+
+@pytest.mark.parametrize("caption, named, mentions, true_mentions", [
+    ("a red circle and a blue square", 2, 2, 2),
+    ("a red circle and a green square", 1, 2, 1),  # the square is blue: named 1 of 2, one false mention
+    ("a small red circle", 1, 1, 0),  # named by colour + shape, but the mention is false (the circle is large)
+    ("a red circle, a red circle and a red circle", 1, 3, 3),
+    ("a blue circle and a blue square", 1, 2, 1),
+    ("best deals on watches free shipping", 0, 0, 0),
+])
+def test_count_facts_gives_partial_credit(caption, named, mentions, true_mentions):
+    counts = count_facts(caption, RED_LEFT_BLUE_RIGHT)
+    assert counts == FactCounts(objects=2, named=named, mentions=mentions, true_mentions=true_mentions)
+    verdict = check_caption(caption, RED_LEFT_BLUE_RIGHT)
+    assert verdict.complete == (counts.named == counts.objects)  # the checker's "complete" half
+    if counts.true_mentions < counts.mentions:
+        assert not verdict.consistent
+
+
+def test_checker_scores_over_a_test_set():
+    from pipelines.evaluate import checker_scores
+
+    other = _scene(("star", "yellow", "small", "top"))
+    scenes = {"a": RED_LEFT_BLUE_RIGHT.to_json(), "b": other.to_json()}
+    scores = checker_scores({"a": "a red circle and a green square", "b": "a small yellow star"}, scenes)
+    assert scores == {"accuracy": 0.5, "object_recall": 2 / 3, "mention_precision": 2 / 3}
 
 
 def test_checker_vertical_relations_and_centre():
