@@ -245,15 +245,12 @@ def checker_scores(predictions: dict[str, str], scenes: dict[str, str]) -> dict[
     from pipelines.shapes.checker import check_caption, count_facts
     from pipelines.shapes.scene import Scene
 
-    correct, objects, named, mentions, true_mentions = [], 0, 0, 0, 0
-    for key, scene_json in scenes.items():
-        scene = Scene.from_json(scene_json)
-        correct.append(check_caption(predictions[key], scene).correct)
-        counts = count_facts(predictions[key], scene)
-        objects, named = objects + counts.objects, named + counts.named
-        mentions, true_mentions = mentions + counts.mentions, true_mentions + counts.true_mentions
-    return {"accuracy": float(np.mean(correct)), "object_recall": named / max(objects, 1),
-            "mention_precision": true_mentions / max(mentions, 1)}
+    pairs = [(predictions[key], Scene.from_json(scene)) for key, scene in scenes.items()]
+    counts = [count_facts(caption, scene) for caption, scene in pairs]
+    total = lambda field: sum(getattr(c, field) for c in counts)  # noqa: E731
+    return {"accuracy": float(np.mean([check_caption(caption, scene).correct for caption, scene in pairs])),
+            "object_recall": total("named") / max(total("objects"), 1),
+            "mention_precision": total("true_mentions") / max(total("mentions"), 1)}
 
 
 def evaluate_caption(cfg: EvalConfig, output: str) -> dict[str, Any]:

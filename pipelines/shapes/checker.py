@@ -257,8 +257,8 @@ class FactCounts:
 
 
 def count_facts(caption: str, scene: Scene) -> FactCounts:
-    """The counts behind `check_caption`'s two halves: complete = every object named, consistent = no false
-    mention (and relation)."""
+    """Per-object counts behind `check_caption`'s halves: complete = every object named; a false mention makes a
+    caption inconsistent (relations are judged by `check_caption` only)."""
     parse = parse_caption(caption)
     stating = [m for m in parse.mentions if m.states_anything()]
     return FactCounts(objects=len(scene.objects), named=sum(_is_named(o, parse) for o in scene.objects),
