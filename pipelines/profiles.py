@@ -43,7 +43,7 @@ class DemoConfig(StepConfig):
     capfilt: dict[str, Any] | None = Field(default_factory=dict, description="CapfiltConfig overrides; None: no CapFilt")
     train_workers: int = Field(0, ge=0, description="Ray Train workers (0: one plain process, the fastest on 2 "
                                                     "cores: 2 Ray workers train 1.8x fewer samples/s here)")
-    stage1_steps: int = Field(1350, gt=0)
+    stage1_steps: int = Field(1500, gt=0)
     stage2_steps: int = Field(800, gt=0)
     train_batch_size: int = Field(32, gt=0, description="per worker")
     qformer: dict[str, Any] = Field(default_factory=lambda: {"hidden_size": 64, "intermediate_size": 128,
