@@ -5,8 +5,8 @@ The architectures and tokenizers are blip2/llm.py's (`llm_architecture`, `tiny_l
 bos = eos 2 prepended and "\\n" -> eos; T5 pad 0 = decoder start, eos 1 appended), so `build_llm(LLMConfig(
 kind, name=<dir>, ...))` loads them. Training text: true captions of the curated scenes (OPT: the whole
 caption; T5: prefix -> rest, as stage 2's prefix-LM) and the curated questions in stage 2's VQA prompt format,
-a `context_share` of them (T5: half; OPT: all) after a caption of the same scene, so that the model learns to answer from the text
-before it, as a real LLM does (held-out figure: `context_answer_accuracy` against `answer_accuracy`).
+a `context_share` of them (T5: half; OPT: all) after a caption of the same scene, so that the model learns to answer
+from the text before it, as a real LLM does (held-out figure: `context_answer_accuracy` against `answer_accuracy`).
 """
 from __future__ import annotations
 
