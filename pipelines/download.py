@@ -12,6 +12,10 @@ exists (written after the shard's tar and parquet are closed). Before each run t
 the stats file of any shard whose tar or parquet is missing or whose stats file does not parse, so
 such a shard is downloaded again, and it refuses to mix shards made with a different layout (url list,
 columns, image size, shard size ...).
+
+Key order: img2dataset writes a shard's samples as their downloads finish; afterwards each shard is
+rewritten with its samples in key (URL list) order (`pipelines.data.key_order`; `order_by_key=false`
+skips it), so one URL list always gives the same shards and the same training run.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from pydantic import BaseModel, Field
 
 from pipelines import io, runroot
 from pipelines.config import ConfigError, StepConfig, load_config
+from pipelines.data import key_order
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +115,9 @@ class DownloadConfig(StepConfig):
     retries: int = Field(2, ge=0)
     distributor: Literal["multiprocessing", "ray"] = "multiprocessing"
     failure_warn_threshold: float = Field(0.2, ge=0.0, le=1.0)
+    order_by_key: bool = Field(True, description="rewrite each shard with its samples in key (URL list) order: "
+                               "img2dataset writes them as downloads finish, so without this two downloads of "
+                               "one list train differently (costs one more write of each new shard)")
     enable_wandb: Literal[False] = False
 
 
@@ -524,6 +532,12 @@ def run(cfg: DownloadConfig, output_uri: str) -> DownloadResult:
     t0 = time.perf_counter()
     _img2dataset_download(cfg, urls, output_uri)
     wall = time.perf_counter() - t0
+    if cfg.order_by_key:
+        t1 = time.perf_counter()
+        bases = [uri[: -len("_stats.json")] for _, uri in sorted(finished_shards(output_uri).items())]
+        changed = key_order.order_shards(bases)
+        log.info("download: %d of %d shards rewritten in key order in %.1f s", changed, len(bases),
+                 time.perf_counter() - t1)
 
     stats = aggregate_stats(output_uri)
     attempted_now = sum(int(io.read_json(uri)["count"]) for sid, uri in finished_shards(output_uri).items()

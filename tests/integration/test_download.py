@@ -134,6 +134,12 @@ def test_first_run_output(first_run):
         names = sorted(tar.getnames())
         meta = json.load(tar.extractfile(next(n for n in names if n.endswith(".json"))))
     assert len(names) == 30 and {Path(n).suffix for n in names} == {".jpg", ".txt", ".json"}
+    for shard in sorted(raw.glob("*.tar")):  # in key order (the URL list's), not download-completion order
+        with tarfile.open(shard) as tar:
+            keys = [name.split(".")[0] for name in tar.getnames()]
+        assert keys == sorted(keys), keys
+        keys = pq.read_table(shard.with_suffix(".parquet")).column("key").to_pylist()
+        assert keys == sorted(keys)
     assert meta["scene"].startswith("scene-") and meta["caption"].startswith("picture number")
     assert meta["captions"][0].startswith("caption") and meta["questions"][0]["q"] == "how many?"
     assert (raw / CONFIG_FILE).read_text().startswith("# download step")
@@ -166,6 +172,13 @@ def test_resume_redoes_only_unfinished_shards(first_run, clean_server, tmp_path)
     assert sorted(p.name for p in out.glob("*.tar")) == [f"{i:05d}.tar" for i in range(4)]
     assert set(rows_by_url(out)) == set(rows_by_url(raw))
     assert (out / runroot.SUCCESS).exists() and not (out / "_tmp").exists()
+    for name in ("00001.tar", "00002.tar"):  # downloaded twice, in whatever order they finished: same shards
+        assert samples_in_order(out / name) == samples_in_order(raw / name)
+
+
+def samples_in_order(shard: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(shard) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if not m.name.endswith(".json")]
 
 
 def test_resume_refuses_another_layout(first_run, clean_server, tmp_path):
