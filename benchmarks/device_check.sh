@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of one device lease, as one call (see BENCHMARKS.md, "GPU"): the CUDA tests (mixed precision), retrieval
-# evaluation ours vs row-by-row on the GPU (tiny and small model, N=1000 and 5000), and the stage-1 step in fp32
-# and bf16. Each part has its own time limit; everything it prints goes to $OUT/device.log and the results
-# JSON to $OUT/results.tar.
+# evaluation ours vs row-by-row on the GPU (tiny and small model, N=1000 and 5000), the stage-1 step in fp32
+# and bf16, and the training jobs on the GPU in one process (tests/integration/test_train_cuda.py: the loop's
+# autocast, a failure and resume, stage 2 from stage 1; needs MLflow's wheels in .whl, Ray is not carried).
+# Each part has its own time limit; everything it prints goes to $OUT/device.log and the results JSON to
+# $OUT/results.tar. PARTS="tests train" (say) runs only those parts (tests train retrieval stage1).
 #   run on the device machine:  bash benchmarks/device_check.sh        (carry .whl: wheels the image lacks)
 #   dry run here on the CPU:     DEV=cpu QUICK=1 NO_WHEELS=1 PY=.venv/bin/python OUT=/tmp/dc bash benchmarks/device_check.sh
 set -u
@@ -35,12 +37,15 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log it, print i
   $PY -c "import torch, transformers, faiss; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'faiss', faiss.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
 } 2>&1 | tee -a "$OUT/device.log"
-part tests 120 $PY -m pytest -q -p no:cacheprovider tests/unit/blip2/test_cuda.py tests/unit/blip2/test_losses.py \
+PARTS=${PARTS:-tests train retrieval stage1}
+want() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+want tests && part tests 120 $PY -m pytest -q -p no:cacheprovider tests/unit/blip2/test_cuda.py tests/unit/blip2/test_losses.py \
   tests/unit/blip2/test_vision.py tests/unit/blip2/test_qformer.py tests/unit/pipelines/test_retrieval.py
-part retrieval_tiny 150 $PY benchmarks/bench_retrieval.py --device "$DEV" --sizes $TINY
-part stage1_fp32 45 $PY benchmarks/bench_stage1_step.py --device "$DEV" --size $SIZE --steps $STEPS
-if [ "$DEV" != cpu ]; then
+want train && part train_loop 240 $PY -m pytest -q -p no:cacheprovider tests/integration/test_train_cuda.py
+want retrieval && part retrieval_tiny 150 $PY benchmarks/bench_retrieval.py --device "$DEV" --sizes $TINY
+want stage1 && part stage1_fp32 45 $PY benchmarks/bench_stage1_step.py --device "$DEV" --size $SIZE --steps $STEPS
+if [ "$DEV" != cpu ] && want stage1; then
   part stage1_bf16 45 $PY benchmarks/bench_stage1_step.py --device "$DEV" --size $SIZE --steps $STEPS --precision bf16
 fi
-part retrieval_small 150 $PY benchmarks/bench_retrieval.py --device "$DEV" --model small --sizes $SMALL
+want retrieval && part retrieval_small 150 $PY benchmarks/bench_retrieval.py --device "$DEV" --model small --sizes $SMALL
 tar -cf "$OUT/results.tar" -C benchmarks/results .

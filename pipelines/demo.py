@@ -59,7 +59,7 @@ def print_summary(summary: dict[str, Any], run_root: str) -> None:
     r = summary["retrieval"]
     print(f"== retrieval ({r['images']} test images, {r['texts']} captions): image->text R@1/5/10 {r['txt_r1']:.1f}/"
           f"{r['txt_r5']:.1f}/{r['txt_r10']:.1f}, text->image {r['img_r1']:.1f}/{r['img_r5']:.1f}/{r['img_r10']:.1f}"
-          f" (chance R@1 {r['chance_r1']:.1f})")
+          f" (chance R@1 {r['chance_r1']:.1f}; ITC alone R@1 {r['itc_txt_r1']:.1f}/{r['itc_img_r1']:.1f})")
     c = summary["caption"]
     print(f"== caption: CIDEr {c['cider']:.3f}, checker accuracy {c['accuracy']:.1%} (objects named by colour + shape "
           f"{c.get('object_recall', 0):.1%}, true mentions {c.get('mention_precision', 0):.1%}); "

@@ -147,7 +147,8 @@ def step_evaluate(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict
     tracked = {"tracking_uri": cfg.tracking(), "experiment": cfg.experiment, "parent_run_id": parent_run_id}
     if cfg.retrieval is not None:
         result = evaluate.run("retrieval", cfg.retrieval.model_copy(update=tracked), cfg.path("eval"))
-        keys = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean", "chance_r1")
+        keys = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean", "chance_r1", "itc_txt_r1",
+                "itc_img_r1", "itc_r_mean")
         out["retrieval"] = {**{k: round(result["metrics"][k], 2) for k in keys}, "images": result["images"],
                             "texts": result["texts"], "seconds": result["wall_seconds"]}
     if cfg.generation is not None:

@@ -282,10 +282,15 @@ def retrieve_row_by_row(model, emb: Embeddings, k: int = 128, progress: bool = F
 
 
 def metrics(result: RetrievalResult, emb: Embeddings) -> dict[str, float]:
-    """Recall metrics of a result (pipelines.metrics), plus chance R@1 (one image in Ni: 100 / Ni both ways)."""
+    """Recall metrics of a result (pipelines.metrics), plus chance R@1 (one image in Ni: 100 / Ni both ways)
+    and, as `itc_*`, the first stage's recall on its own (what the ITM rerank adds or costs)."""
     from pipelines.metrics import i2t_ranks, recall_metrics, t2i_ranks
 
-    out = recall_metrics(i2t_ranks(result.i2t.ids, result.i2t.scores, emb.img2txt),
-                         t2i_ranks(result.t2i.ids, result.t2i.scores, emb.txt2img))
+    def recalls(i2t: Candidates, t2i: Candidates) -> dict[str, float]:
+        return recall_metrics(i2t_ranks(i2t.ids, i2t.scores, emb.img2txt), t2i_ranks(t2i.ids, t2i.scores, emb.txt2img))
+
+    out = recalls(result.i2t, result.t2i)
+    first_stage = recalls(result.i2t_itc, result.t2i_itc)
+    out.update({f"itc_{name}": first_stage[name] for name in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean")})
     out["chance_r1"] = 100.0 / emb.image_feats.shape[0]
     return out
