@@ -32,6 +32,19 @@ def in_key_order(members: list[tarfile.TarInfo]) -> bool:
     return firsts == sorted(set(keys))
 
 
+def replace_atomically(fs, path: str, write) -> None:
+    """`write(handle)` into a temporary sibling of `path`, then rename it over `path`."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(tmp, "wb") as handle:
+            write(handle)
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
 def order_tar(uri: str) -> bool:
     """Rewrite the tar at `uri` in key order (a key's files keep their order). Returns whether it changed."""
     fs, path = io.fs_and_path(uri)
@@ -41,16 +54,13 @@ def order_tar(uri: str) -> bool:
             return False
         files = [m for m in members if m.isfile()]
         files.sort(key=lambda m: member_key(m.name))  # a stable sort: each key's files stay in their order
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with fs.open(tmp, "wb") as out_handle, tarfile.open(fileobj=out_handle, mode="w") as out:
+
+        def write(out_handle) -> None:
+            with tarfile.open(fileobj=out_handle, mode="w") as out:
                 for member in files:
                     out.addfile(member, tar.extractfile(member))
-            fs.mv(tmp, path)
-        except BaseException:
-            if fs.exists(tmp):
-                fs.rm(tmp)
-            raise
+
+        replace_atomically(fs, path, write)
     return True
 
 
@@ -65,15 +75,7 @@ def order_parquet(uri: str) -> bool:
     if keys == sorted(keys, key=lambda k: (k is None, k or "")):
         return False
     ordered = table.sort_by("key")
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with fs.open(tmp, "wb") as handle:
-            pq.write_table(ordered, handle)
-        fs.mv(tmp, path)
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        raise
+    replace_atomically(fs, path, lambda handle: pq.write_table(ordered, handle))
     return True
 
 

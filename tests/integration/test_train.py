@@ -1,12 +1,9 @@
 """Training jobs on real Ray (2 CPU workers, gloo) and in one plain process, on shapes-world shards."""
-import json
-
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipelines.train.config import TrainConfig
 from pipelines.train.state import CheckpointError, latest_checkpoint
-from train_support import config, make_shards
+from train_support import config, history, make_shards
 
 pytestmark = pytest.mark.integration
 
@@ -14,12 +11,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("shapes"))
-
-
-def history(tmp_path, output, key):
-    run_id = json.load(open(output / "mlflow_run.json"))["run_id"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 def test_stage1_on_two_ray_workers_survives_a_worker_failure(shards, tmp_path):

@@ -1,16 +1,14 @@
 """The training jobs on a GPU (skipped where there is none, as in CI): the loop's bf16 autocast over the frozen
 fp16 encoder, a failure and a resume with the CUDA RNG state in the checkpoint, stage 2 with the fp16 OPT
 from the stage-1 checkpoint, and the GPU-trained weights as fp32 tensors that load on the CPU."""
-import json
 import math
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from pipelines.train.state import RNG_FILE, latest_checkpoint
-from train_support import config, make_shards
+from train_support import config, history, make_shards
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -19,12 +17,6 @@ pytestmark = [pytest.mark.integration,
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("shapes"))
-
-
-def history(tmp_path, output, key):
-    run_id = json.load(open(output / "mlflow_run.json"))["run_id"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 def gpu_config(shards, tmp_path, **overrides):

@@ -1,4 +1,9 @@
-"""Shared by the training integration tests: small shapes-world shards and a tiny training config."""
+"""Shared by the training integration tests: small shapes-world shards, a tiny training config, and a job's
+MLflow metric history."""
+import json
+
+from mlflow.tracking import MlflowClient
+
 from pipelines.shapes import synth
 from pipelines.shapes.shards import pack_split
 from pipelines.train.config import TrainConfig
@@ -30,3 +35,11 @@ def config(shards, tmp_path, **overrides) -> TrainConfig:
     return TrainConfig.model_validate(base)
 
 
+
+
+def history(tmp_path, output, key) -> list[tuple[int, float]]:
+    """(step, value) of metric `key` of the job in `output` (its run id in mlflow_run.json), tracked in
+    `tmp_path`/mlflow.db as `config` sets it."""
+    run_id = json.load(open(output / "mlflow_run.json"))["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
