@@ -33,7 +33,6 @@ import os
 import sys
 import tarfile
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
@@ -298,20 +297,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, _io.BytesIO(data))
 
 
-def _write_atomic(uri: str, write) -> None:
-    """`write(file)` into a temporary sibling of `uri`, then rename it into place."""
-    fs, path = io.fs_and_path(uri)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with fs.open(tmp, "wb") as handle:
-            write(handle)
-        fs.mv(tmp, path)
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        raise
-
-
 def write_shard(output_uri: str, name: str, samples: list[Sample], ranked: list[list[Candidate]],
                 provenance: dict[str, str]) -> None:
     """`NAME.parquet` (scores; provenance in its metadata), then `NAME.tar`: each atomically."""
@@ -322,7 +307,7 @@ def write_shard(output_uri: str, name: str, samples: list[Sample], ranked: list[
         rows += sample_rows
     table = pa.Table.from_pylist(rows, schema=SCORE_SCHEMA).replace_schema_metadata(
         {f"capfilt_{k}": v for k, v in provenance.items()})
-    _write_atomic(io.join(output_uri, f"{name}.parquet"), lambda f: pq.write_table(table, f))
+    io.write_atomic(io.join(output_uri, f"{name}.parquet"), lambda f: pq.write_table(table, f))
 
     def write_tar(handle) -> None:
         with tarfile.open(fileobj=handle, mode="w") as tar:
@@ -331,7 +316,7 @@ def write_shard(output_uri: str, name: str, samples: list[Sample], ranked: list[
                 _add_member(tar, f"{sample.key}.txt", (kept_texts(candidates) or [""])[0].encode())
                 _add_member(tar, f"{sample.key}.json", json.dumps(meta).encode())
 
-    _write_atomic(io.join(output_uri, f"{name}.tar"), write_tar)
+    io.write_atomic(io.join(output_uri, f"{name}.tar"), write_tar)
 
 
 def shard_provenance(cfg: CapfiltConfig, input_sha: str, skipped: SkipCounter) -> dict[str, str]:
@@ -633,7 +618,7 @@ def write_histogram(output_uri: str, stats: ScoreStats) -> str | None:
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     uri = io.join(output_uri, HISTOGRAM_FILE)
-    _write_atomic(uri, lambda f: f.write(buffer.getvalue()))
+    io.write_atomic(uri, lambda f: f.write(buffer.getvalue()))
     return uri
 
 

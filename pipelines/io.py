@@ -47,6 +47,21 @@ def write_json_atomic(uri: str, obj: Any) -> None:
     fs.mv(tmp, path)
 
 
+def write_atomic(uri: str, write) -> None:
+    """`write(binary file)` into a temporary sibling of `uri`, then rename it into place: a reader sees the old
+    file or the new one, never half of one; a failure leaves no temporary behind."""
+    fs, path = fs_and_path(uri)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(tmp, "wb") as handle:
+            write(handle)
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
 def list_files(uri: str, suffix: str) -> list[str]:
     """Sorted full URIs/paths of the files directly under `uri` that end with `suffix`."""
     fs, path = fs_and_path(uri)

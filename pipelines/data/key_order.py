@@ -12,7 +12,6 @@ rows sorted by key the same way.
 from __future__ import annotations
 
 import tarfile
-import uuid
 
 import pyarrow.parquet as pq
 
@@ -32,19 +31,6 @@ def in_key_order(members: list[tarfile.TarInfo]) -> bool:
     return firsts == sorted(set(keys))
 
 
-def replace_atomically(fs, path: str, write) -> None:
-    """`write(handle)` into a temporary sibling of `path`, then rename it over `path`."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with fs.open(tmp, "wb") as handle:
-            write(handle)
-        fs.mv(tmp, path)
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        raise
-
-
 def order_tar(uri: str) -> bool:
     """Rewrite the tar at `uri` in key order (a key's files keep their order). Returns whether it changed."""
     fs, path = io.fs_and_path(uri)
@@ -60,7 +46,7 @@ def order_tar(uri: str) -> bool:
                 for member in files:
                     out.addfile(member, tar.extractfile(member))
 
-        replace_atomically(fs, path, write)
+        io.write_atomic(uri, write)
     return True
 
 
@@ -75,7 +61,7 @@ def order_parquet(uri: str) -> bool:
     if keys == sorted(keys, key=lambda k: (k is None, k or "")):
         return False
     ordered = table.sort_by("key")
-    replace_atomically(fs, path, lambda handle: pq.write_table(ordered, handle))
+    io.write_atomic(uri, lambda handle: pq.write_table(ordered, handle))
     return True
 
 
