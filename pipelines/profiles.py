@@ -38,7 +38,8 @@ class DemoConfig(StepConfig):
                                       slow_seconds=6.0, seed=0)
     download_timeout: float = Field(1.5, gt=0, description="seconds; the server is on loopback: 1.5 s keeps every "
                                     "success that 3 s does and halves the wait on each slow fault")
-    download_retries: int = Field(1, ge=0, description="one retry recovers every rate-limited (429) image")
+    download_retries: int = Field(2, ge=0, description="one retry recovers a rate-limited (429) image; the second "
+                                  "covers a request that timed out under CPU load and met its 429 on the retry")
     loader_batches: int = 3
     loader_batch_size: int = 16
     foundation: dict[str, Any] = Field(default_factory=dict, description="FoundationConfig overrides")
