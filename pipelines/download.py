@@ -532,16 +532,15 @@ def run(cfg: DownloadConfig, output_uri: str) -> DownloadResult:
     t0 = time.perf_counter()
     _img2dataset_download(cfg, urls, output_uri)
     wall = time.perf_counter() - t0
+    finished = finished_shards(output_uri)
     if cfg.order_by_key:
         t1 = time.perf_counter()
-        bases = [uri[: -len("_stats.json")] for _, uri in sorted(finished_shards(output_uri).items())]
-        changed = key_order.order_shards(bases)
-        log.info("download: %d of %d shards rewritten in key order in %.1f s", changed, len(bases),
+        changed = key_order.order_shards([uri[: -len("_stats.json")] for _, uri in sorted(finished.items())])
+        log.info("download: %d of %d shards rewritten in key order in %.1f s", changed, len(finished),
                  time.perf_counter() - t1)
 
     stats = aggregate_stats(output_uri)
-    attempted_now = sum(int(io.read_json(uri)["count"]) for sid, uri in finished_shards(output_uri).items()
-                        if sid not in done_before)
+    attempted_now = sum(int(io.read_json(uri)["count"]) for sid, uri in finished.items() if sid not in done_before)
     result = _result(cfg, urls, output_uri, stats, done_before, wall, attempted_now, warnings)
     io.write_json_atomic(io.join(output_uri, SUMMARY_FILE), result.model_dump(mode="json"))
     missing = sorted(set(range(expected)) - set(stats["shard_ids"]))
