@@ -13,10 +13,13 @@ ABBA order (plain first in even pairs, Ray first in odd ones). The headline rati
 pairs' plain/Ray ratios: on a 2-core cloud box two identical plain runs differ by up to 44%, and a ratio
 taken inside a pair, between neighbouring runs, is what cancels most of that drift. Means are reported too.
 
-Threads: the plain process uses torch's default (one thread a core: 2). Ray sets OMP_NUM_THREADS of an
-actor to the CPUs it reserves, so the 1-worker run reserves `cpus_per_worker=2` (2 threads, as the plain
-process) and the 2-worker run `cpus_per_worker=1` (1 thread each): every run uses both cores, and the
-threads each worker actually got are recorded (`torch_threads`) from inside the worker.
+Threads (`--threads`, default 2 = every core of this box): the plain process runs with that many torch
+threads, and the 1-worker run reserves `cpus_per_worker` = the same number (Ray sets OMP_NUM_THREADS of an
+actor to the CPUs it reserves); the 2-worker run reserves 1 CPU each (1 thread each). The threads each worker
+actually got are recorded (`torch_threads`) from inside the worker. With 2 threads the step uses both cores
+and shares them with Ray's own processes (GCS, raylet, the Train controller: ~15% of a core); with
+`--threads 1` a core is left for them, as on a node with spare cores, and the ratio is Ray Train's own loop
+overhead (reports, the worker process, its data) without that contention.
 
 How the training is timed: every step's metrics carry a wall-clock timestamp (ms) in MLflow, taken when
 the loop logs them. The rate is (N - s0) / (t[N] - t[s0]) with s0 = log_every: the window holds only
@@ -28,7 +31,8 @@ plain process pays once, at its first report, a lazy import of `ray.train` (abou
 of a training step; it is paid before the baseline runs (the Ray workers paid theirs at start-up).
 The end-to-end wall-time ratio is reported too.
 
-    .venv/bin/python benchmarks/bench_train_ray.py [--steps 200] [--log-every 50] [--repeats 5] [--quick]
+    .venv/bin/python benchmarks/bench_train_ray.py [--steps 200] [--log-every 50] [--repeats 5] [--threads 2]
+                                                   [--quick]
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ from pipelines.train_stage1 import build_stage1  # noqa: E402
 
 BATCH = 8  # per worker (--batch)
 IMAGE_SIZE = 32  # px (--image-size)
+THREADS = 2  # torch threads of the plain process and of the 1-worker run (--threads)
 
 
 def recording_build(marker_dir: str, cfg, device):
@@ -69,10 +74,12 @@ def recording_build(marker_dir: str, cfg, device):
     return build_stage1(cfg, device)
 
 
-def op_timings() -> dict[str, float]:
-    """Microseconds per call of three ops the step is made of (2 threads): the same code in a plain process and in
-    a Ray task shows the share of compute a Ray worker loses on this box, apart from anything Ray Train does."""
+def op_timings(threads: int) -> dict[str, float]:
+    """Microseconds per call of three ops the step is made of (`threads` threads): the same code in a plain process
+    and in a Ray task shows the share of compute a Ray worker loses on this box, apart from anything Ray Train does."""
     import torch
+
+    torch.set_num_threads(threads)
 
     torch.manual_seed(0)
     a, w, h = torch.randn(256, 384), torch.randn(384, 384), torch.randn(32, 64, 256)
@@ -168,10 +175,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 40 steps, a report every 10, 1 repeat")
     parser.add_argument("--batch", type=int, default=8, help="batch per worker (a larger step: less overhead share)")
     parser.add_argument("--image-size", type=int, default=32, help="image side in px (and the model's input)")
+    parser.add_argument("--threads", type=int, default=2, choices=(1, 2),
+                        help="torch threads of the plain run and of the 1-worker run (1 leaves a core for Ray's "
+                             "own processes)")
     args = parser.parse_args()
-    global BATCH, IMAGE_SIZE
-    BATCH, IMAGE_SIZE = args.batch, args.image_size
+    global BATCH, IMAGE_SIZE, THREADS
+    BATCH, IMAGE_SIZE, THREADS = args.batch, args.image_size, args.threads
     name = "train_ray" if (BATCH, IMAGE_SIZE) == (8, 32) else f"train_ray_b{BATCH}_px{IMAGE_SIZE}"
+    name += "" if THREADS == 2 else f"_threads{THREADS}"
+    import torch
+
+    torch.set_num_threads(THREADS)  # the plain runs happen in this process
     steps, log_every, repeats = (40, 10, 1) if args.quick else (args.steps, args.log_every, args.repeats)
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
@@ -184,7 +198,7 @@ def main() -> None:
         train_once("warm-up", shards, tmp, min(steps, 3 * log_every), log_every, workers=0)  # discarded: first
         # use of the kernels, the allocator and the page cache in this process (it ran ~20% slower than later runs)
         plain, ones, twos, pair_ratios, ray_init_s, ray_shutdown_s = [], [], [], [], [], []
-        ops_plain = op_timings()
+        ops_plain = op_timings(THREADS)
         ops_ray = {}
 
         def plain_run(i: int) -> None:
@@ -197,8 +211,8 @@ def main() -> None:
             ray_init_s.append(time.perf_counter() - started)
             try:
                 if not ops_ray:
-                    ops_ray.update(ray.get(ray.remote(num_cpus=2)(op_timings).remote()))
-                ones.append(train_once(f"ray-1-{i}", shards, tmp, steps, log_every, workers=1, cpus=2.0))
+                    ops_ray.update(ray.get(ray.remote(num_cpus=THREADS)(op_timings).remote(THREADS)))
+                ones.append(train_once(f"ray-1-{i}", shards, tmp, steps, log_every, workers=1, cpus=float(THREADS)))
                 twos.append(train_once(f"ray-2-{i}", shards, tmp, steps, log_every, workers=2, cpus=1.0))
             finally:
                 started = time.perf_counter()
@@ -225,10 +239,11 @@ def main() -> None:
                            f"{repeats} runs)", "steps_per_s": round(one_rate, 3), "runs": ones},
         ratio=statistics.median(pair_ratios),
         units="steady-state steps/s ratio, plain / Ray 1 worker, median over the interleaved pairs (1.0 = no "
-              "overhead; both use 2 threads)",
+              f"overhead; both use {THREADS} torch thread(s))",
         goal="Ray/plain overhead < 10% at 200 steps",
         extra={
-            "steps": steps, "log_every": log_every, "batch_per_worker": BATCH,
+            "steps": steps, "log_every": log_every, "batch_per_worker": BATCH, "threads": THREADS,
+            "plain_torch_threads": plain[0]["torch_threads"],
             "data": f"shapes-world, 256 images at {IMAGE_SIZE} px, 8 shards of 32, loader num_workers=0",
             "repeats": repeats,
             "pair_ratios": [round(r, 3) for r in pair_ratios],
@@ -240,7 +255,8 @@ def main() -> None:
             "ray_init_s_median": round(ray_init_s, 2), "ray_shutdown_s_median": round(ray_shutdown_s, 2),
             "op_microseconds": {"plain_process": ops_plain, "ray_task": ops_ray,
                                 "ray_over_plain": {k: round(ops_ray[k] / ops_plain[k], 3) for k in ops_plain},
-                                "note": "the same ops (2 threads) timed in this process and in a Ray task while Ray "
+                                "note": f"the same ops ({THREADS} thread(s)) timed in this process and in a Ray task "
+                                        "while Ray "
                                         "runs: what a Ray worker loses on this box before Ray Train adds anything"},
             "workers_1_vs_2": {
                 "one_worker": {"samples_per_s": round(one_samples, 2), "torch_threads": ones[0]["torch_threads"]},
@@ -248,7 +264,8 @@ def main() -> None:
                                 "runs": twos},
                 "scaling_ratio": round(two_samples / one_samples, 3),
                 "note": "samples/s, 2 workers x batch 8 (global 16) over 1 worker x batch 8; on this "
-                        f"{os.cpu_count()}-core box the 1 worker gets 2 threads (cpus_per_worker=2) and each of "
+                        f"{os.cpu_count()}-core box the 1 worker gets {THREADS} thread(s) "
+                        f"(cpus_per_worker={THREADS}) and each of "
                         "the 2 workers 1 thread (cpus_per_worker=1, so Ray sets OMP_NUM_THREADS=1): the same "
                         "cores, shared also with Ray's own processes and the gloo all-reduce",
             },

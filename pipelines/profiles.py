@@ -50,8 +50,12 @@ class DemoConfig(StepConfig):
     stage2_steps: int = Field(800, gt=0)
     train_batch_size: int = Field(32, gt=0, description="per worker")
     qformer: dict[str, Any] = Field(default_factory=lambda: {"hidden_size": 64, "intermediate_size": 128,
-                                                             "num_query_tokens": 8, "embed_dim": 32},
-                                    description="QFormerConfig overrides of the tiny preset")
+                                                             "num_query_tokens": 8, "embed_dim": 32,
+                                                             "cross_attention_freq": 1},
+                                    description="QFormerConfig overrides of the tiny preset. Cross-attention in both "
+                                    "layers: with it only in the first, the text and the second layer read the image "
+                                    "through one attention, and stage 2 named 8% of the test objects (VQA 26%); with "
+                                    "both, 20% (VQA 37%), for ~20% more stage-1 time")
     web_weight: float = Field(0.3, gt=0, description="sampling ratio of the web split against the curated one")
     train_transform: bool = Field(False, description="random crops + flips (crops cut objects out of captions)")
     stage1_lr: float = Field(6e-3, gt=0, description="the tiny Q-Former's peak lr: at 1e-3 its queries attend "

@@ -169,6 +169,23 @@ def save_clip(model: open_clip.CLIP, cfg: ClipConfig, image_size: int, directory
 
 
 @torch.no_grad()
+def region_accuracy(model: open_clip.CLIP, heads: torch.nn.ModuleList, held: Sequence[Sample],
+                    preprocess: Any, image_size: int) -> dict[str, float]:
+    """Held-out share of objects whose shape / colour / size / position the region head of the block stage 1 reads
+    (the second-last) predicts from the object's pooled patch tokens: what the frozen tokens carry of each object."""
+    model.eval()
+    pixels = torch.stack([preprocess(s.image) for s in held])  # (N, 3, H, W)
+    tokens = _patch_tokens(model.visual, pixels, pooled=False)["image_intermediates"][0]  # (N, G*G, W)
+    grid = math.isqrt(tokens.shape[1])
+    rows, weights, labels = object_regions([s.scene for s in held], grid, image_size)
+    logits = heads[0](torch.einsum("op,opw->ow", weights, tokens[rows]))  # (O, 7 + 8 + 2 + 5)
+    parts = logits.split([len(values) for values in ATTRIBUTES], dim=1)
+    names = ("shape", "color", "size", "position")
+    return {f"region_{name}_accuracy": float((part.argmax(1) == labels[:, i]).float().mean())
+            for i, (name, part) in enumerate(zip(names, parts))}
+
+
+@torch.no_grad()
 def evaluate_clip(clip_dir: Path, held: Sequence[Sample], seed: int, draws: int = 4) -> dict[str, float]:
     """How often the held-out image's own caption has a higher cosine than a negative caption of each kind."""
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
@@ -200,6 +217,7 @@ def foundation_clip(cfg: FoundationConfig, training: TrainingImages, held: Seque
     losses = train_clip(model, heads, pixels, scenes, cfg.clip, cfg.image_size, cfg.seed, progress)
     write_dir_atomic(directory, lambda tmp: save_clip(model.eval(), cfg.clip, cfg.image_size, tmp))
     seconds = time.perf_counter() - started
-    return {**evaluate_clip(directory, held, cfg.seed), **loss_summary(losses),
+    regions = region_accuracy(model, heads, held, preprocess, cfg.image_size)
+    return {**evaluate_clip(directory, held, cfg.seed), **regions, **loss_summary(losses),
             **loss_summary(region_losses, prefix="region_"), "seconds": round(seconds, 2),
             "eval_seconds": round(time.perf_counter() - started - seconds, 2)}

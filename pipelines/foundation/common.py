@@ -19,7 +19,7 @@ from tqdm import tqdm
 from pipelines.config import ConfigError
 from pipelines.data.shards import SkipCounter, decode_sample, iter_raw_samples
 from pipelines.shapes.render import render
-from pipelines.shapes.scene import Scene
+from pipelines.shapes.scene import Scene, sample_scene
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,18 @@ class TrainingImages:
     scenes: list[Scene]
 
 
-def training_views(train: Sequence[Sample], views: int, image_size: int, seed: int) -> TrainingImages:
-    """The shards' training images, then `views` re-renderings of every scene by the shapes world's renderer
-    (same scene and background, new position jitter and pixel noise)."""
+def training_views(train: Sequence[Sample], views: int, image_size: int, seed: int,
+                   new_scenes: bool = False) -> TrainingImages:
+    """The shards' training images, then `views` x as many rendered by the shapes world's renderer: re-renderings
+    of every training scene (same scene and background, new position jitter and pixel noise) or, with `new_scenes`,
+    as many newly sampled scenes (an off-the-shelf model has seen far more than the pipeline's own data)."""
     images, scenes = [s.image for s in train], [s.scene for s in train]
     for view in range(views):
         for index, sample in enumerate(train):
-            images.append(render(sample.scene, image_size, np.random.default_rng([seed, 5, view, index])))
-            scenes.append(sample.scene)
+            rng = np.random.default_rng([seed, 5, view, index])
+            scene = sample_scene(rng) if new_scenes else sample.scene
+            images.append(render(scene, image_size, rng))
+            scenes.append(scene)
     return TrainingImages(images, scenes)
 
 

@@ -49,7 +49,7 @@ def run(cfg: FoundationConfig, output_uri: str | Path, progress: bool = True) ->
                                                             "skipped": skipped.total()})
     log.info("foundation: %d training / %d held-out curated images -> %s", len(train), len(held), out)
     if "clip" in cfg.models:  # the captioner needs it too (config check)
-        training = training_views(train, cfg.views, cfg.image_size, cfg.seed)
+        training = training_views(train, cfg.views, cfg.image_size, cfg.seed, cfg.new_scenes)
         result.metrics["clip"] = foundation_clip(cfg, training, held, out / "clip", progress)
         result.clip_dir = str(out / "clip")
         if "captioner" in cfg.models:
