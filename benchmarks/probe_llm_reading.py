@@ -1,0 +1,77 @@
+"""How well the stand-in OPT (stage 2's frozen LLM) answers a question from a caption placed before it, by question
+type: the ceiling of stage 2's VQA through that LLM (its visual prompts take the caption's place).
+
+For each held-out curated scene of a run root (the foundation step's last `held_out` images by key) and each of its
+questions, the OPT reads "[context] Question: .. Answer:" and its top next token is checked against the answer's
+first token, with three contexts: none (the answers' prior), a true caption of the scene in a random style (as the
+OPT was trained), and a caption naming every object with its size and position.
+
+    .venv/bin/python benchmarks/probe_llm_reading.py --run-root runs/demo
+
+Session 13 (AMD box, the fresh-clone demo's run root): none 20% (count 33, colour 18, shape 19, position 18); random
+caption 56% (count 100, colour 62, shape 57, position 28); every object with its size and position 58% (colour 62,
+shape 55, position 36).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipelines.data.shards import expand_shards  # noqa: E402
+from pipelines.foundation.common import load_curated, split_held_out  # noqa: E402
+from pipelines.foundation.config import VQA_TEMPLATES, FoundationConfig  # noqa: E402
+from pipelines.foundation.language import lm_batch  # noqa: E402
+from pipelines.shapes.captions import caption_for, compose  # noqa: E402
+
+CONTEXTS = ("none", "random_caption", "full_caption")
+
+
+def context(kind: str, scene, rng: np.random.Generator) -> str:
+    if kind == "none":
+        return ""
+    caption = caption_for(scene, rng) if kind == "random_caption" else compose(scene, rng, "plain", True, True)
+    return caption + " . "
+
+
+@torch.no_grad()
+def reading(opt_dir: Path, held, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per context: answer accuracy overall and by question type."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(opt_dir).eval(), AutoTokenizer.from_pretrained(opt_dir)
+    out = {}
+    for kind in CONTEXTS:
+        rng, hits = np.random.default_rng(seed), collections.defaultdict(list)
+        for sample in held:
+            for question in sample.questions:
+                source = context(kind, sample.scene, rng) + VQA_TEMPLATES["opt"].format(question["question"])
+                batch = lm_batch(tokenizer, "opt", [(source, question["answer"])])
+                first = len(tokenizer(source)["input_ids"])  # the answer's first token (bos included before)
+                logits = model(**batch).logits  # (1, L, V)
+                hits[question["type"]].append(int(logits[0, first - 1].argmax()) == int(batch["input_ids"][0, first]))
+        every = [hit for values in hits.values() for hit in values]
+        by_type = {qtype: round(float(np.mean(values)), 3) for qtype, values in hits.items()}
+        out[kind] = {"all": round(float(np.mean(every)), 3), **by_type}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run-root", default="runs/demo", help="a demo run root (foundation/opt, raw/curated)")
+    args = parser.parse_args()
+    root = Path(args.run_root)
+    held_out = FoundationConfig(curated=str(root / "raw" / "curated")).held_out
+    samples, _ = load_curated(expand_shards(str(root / "raw" / "curated"), what="curated"), 64)
+    _, held = split_held_out(samples, held_out)
+    print(json.dumps(reading(root / "foundation" / "opt", held), indent=1))
+
+
+if __name__ == "__main__":
+    main()
