@@ -103,7 +103,7 @@ class FoundationConfig(StepConfig):
                              "curated ones with new jitter and noise (false). The stand-ins stand for models "
                              "trained elsewhere on far more data; on the curated scenes alone the CLIP overfits "
                              "(held-out shape from its region-pooled tokens 75% vs 94% on training images; with new "
-                             "scenes 86% vs 90%)")
+                             "scenes 84-86% vs 90%)")
     models: list[Literal["clip", "captioner", "opt", "t5"]] = Field(default_factory=lambda: list(MODELS))
     clip: ClipConfig = Field(default_factory=ClipConfig)
     captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)
