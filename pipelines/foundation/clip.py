@@ -98,10 +98,16 @@ def region_loss(heads: torch.nn.ModuleList, block_tokens: Sequence[torch.Tensor]
     rows, weights, labels = object_regions(scenes, grid, image_size)  # (O,), (O, G*G), (O, 4)
     loss = torch.zeros(())
     for head, tokens in zip(heads, block_tokens):
-        logits = head(torch.einsum("op,opw->ow", weights, tokens[rows]))  # (O, 7 + 8 + 2 + 5)
-        parts = logits.split([len(values) for values in ATTRIBUTES], dim=1)
+        parts = attribute_logits(head, tokens, rows, weights)
         loss = loss + sum(F.cross_entropy(part, labels[:, i]) for i, part in enumerate(parts))
     return loss / len(heads)
+
+
+def attribute_logits(head: torch.nn.Module, tokens: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor
+                     ) -> tuple[torch.Tensor, ...]:
+    """Each object's pooled patch tokens through a region head, split per attribute (ATTRIBUTES' order)."""
+    logits = head(torch.einsum("op,opw->ow", weights, tokens[rows]))  # (O, 7 + 8 + 2 + 5)
+    return logits.split([len(values) for values in ATTRIBUTES], dim=1)
 
 
 def region_heads(cfg: ClipConfig) -> torch.nn.ModuleList:
@@ -178,8 +184,7 @@ def region_accuracy(model: open_clip.CLIP, heads: torch.nn.ModuleList, held: Seq
     tokens = _patch_tokens(model.visual, pixels, pooled=False)["image_intermediates"][0]  # (N, G*G, W)
     grid = math.isqrt(tokens.shape[1])
     rows, weights, labels = object_regions([s.scene for s in held], grid, image_size)
-    logits = heads[0](torch.einsum("op,opw->ow", weights, tokens[rows]))  # (O, 7 + 8 + 2 + 5)
-    parts = logits.split([len(values) for values in ATTRIBUTES], dim=1)
+    parts = attribute_logits(heads[0], tokens, rows, weights)
     names = ("shape", "color", "size", "position")
     return {f"region_{name}_accuracy": float((part.argmax(1) == labels[:, i]).float().mean())
             for i, (name, part) in enumerate(zip(names, parts))}
