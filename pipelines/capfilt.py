@@ -319,8 +319,17 @@ def write_shard(output_uri: str, name: str, samples: list[Sample], ranked: list[
     io.write_atomic(io.join(output_uri, f"{name}.tar"), write_tar)
 
 
+def models_version(cfg: CapfiltConfig) -> str:
+    """Version stamp of the local model files CapFilt reads (captioner folder, ranker folder, ranker weights file):
+    a model retrained under the same path makes every shard be done again."""
+    specs = (cfg.captioner.removeprefix(STAGE2_PREFIX), cfg.ranker.removeprefix("local-dir:"), cfg.ranker_weights)
+    paths = [os.path.expanduser(spec) for spec in specs
+             if spec and looks_like_local_path(spec) and os.path.exists(os.path.expanduser(spec))]
+    return io.files_fingerprint(paths)
+
+
 def shard_provenance(cfg: CapfiltConfig, input_sha: str, skipped: SkipCounter) -> dict[str, str]:
-    return {"output_hash": cfg.output_hash(), "input_sha256": input_sha,
+    return {"output_hash": cfg.output_hash(), "models": models_version(cfg), "input_sha256": input_sha,
             "skipped": json.dumps(dict(skipped.counts))}
 
 
@@ -632,9 +641,10 @@ def pick_executor(cfg: CapfiltConfig, images: int) -> str:
 def split_done(cfg: CapfiltConfig, output_uri: str, input_shas: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """(pending url -> input sha, names of the shards already complete for this config and input)."""
     pending, reused = {}, []
+    models = models_version(cfg)
     for url, sha in input_shas.items():
         provenance = read_provenance(output_uri, shard_name(url))
-        wanted = {"output_hash": cfg.output_hash(), "input_sha256": sha}
+        wanted = {"output_hash": cfg.output_hash(), "models": models, "input_sha256": sha}
         if provenance and all(provenance.get(k) == v for k, v in wanted.items()):
             reused.append(shard_name(url))
         else:
@@ -648,7 +658,7 @@ def run(cfg: CapfiltConfig, output_uri: str) -> CapfiltResult:
     output_uri = output_uri if "://" in output_uri else os.path.abspath(output_uri)  # Ray workers write there too
     urls = validate(cfg, output_uri)  # before any model is loaded or anything is written
     input_shas = {url: input_sha(url) for url in urls}
-    input_hashes = {shard_name(u): sha for u, sha in input_shas.items()}
+    input_hashes = {shard_name(u): sha for u, sha in input_shas.items()} | {"captioner+ranker": models_version(cfg)}
     record = runroot.completed(output_uri, cfg.config_hash(), input_hashes)
     if record is not None:
         log.info("capfilt: %s already holds this result (config %s); not running again", output_uri,

@@ -82,6 +82,25 @@ def file_sha256(uri: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
+_VERSION_KEYS = ("size", "mtime", "LastModified", "ETag", "etag", "created")
+
+
+def files_fingerprint(uris: list[str]) -> str:
+    """A cheap version stamp of files and folders (local or remote): every file's name, size and modification
+    time (ETag on object stores), hashed; no bytes are read. Changes when a file is rewritten, added or removed."""
+    rows = []
+    for uri in uris:
+        if str(uri).startswith(("http://", "https://")):  # a web server's listing and dates are not reliable
+            rows.append([str(uri)])
+            continue
+        fs, path = fs_and_path(uri)
+        fs.invalidate_cache(path)
+        infos = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+        for name, info in sorted(infos.items()):
+            rows.append([name] + [str(info[key]) for key in _VERSION_KEYS if info.get(key) is not None])
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
 def local_path(uri: str) -> str:
     """A plain filesystem path for a local URI (file:// or bare path); error for remote ones."""
     fs, path = fs_and_path(uri)

@@ -132,7 +132,8 @@ def step_train(cfg: PipelineConfig, stage: str, parent_run_id: str | None = None
     tracking = train_cfg.tracking.model_copy(update={"uri": train_cfg.tracking.uri or cfg.tracking(),
                                                      "parent_run_id": parent_run_id})
     train_cfg = train_cfg.model_copy(update={"tracking": tracking})
-    result = (train_stage1 if stage == "stage1" else train_stage2).run(train_cfg, cfg.path(stage))
+    # the run root is the pipeline's own: another config's (or other inputs') checkpoints there are set aside
+    result = (train_stage1 if stage == "stage1" else train_stage2).run(train_cfg, cfg.path(stage), replace_stale=True)
     last, first = result.get("last") or {}, result.get("first") or {}
     keys = [k for k in ("loss", "loss_itc", "loss_itm", "loss_itg") if k in last]
     return {f"train_{stage}": {"steps": result["steps"], "checkpoint": result["checkpoint"],

@@ -53,8 +53,8 @@ def build_stage1(cfg: TrainConfig, device: torch.device) -> StageParts:
     return StageParts(model=model, inputs=inputs, losses=losses, samples=samples, extra_metrics=extra)
 
 
-def run(cfg: TrainConfig, output_uri: str) -> dict:
-    return run_training(cfg.model_copy(update={"stage": "stage1"}), output_uri, build_stage1)
+def run(cfg: TrainConfig, output_uri: str, replace_stale: bool = False) -> dict:
+    return run_training(cfg.model_copy(update={"stage": "stage1"}), output_uri, build_stage1, replace_stale)
 
 
 def main(argv: list[str] | None = None) -> int:

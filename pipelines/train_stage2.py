@@ -61,8 +61,8 @@ def build_stage2(cfg: TrainConfig, device: torch.device) -> StageParts:
     return StageParts(model=model, inputs=inputs, losses=losses, samples=samples)
 
 
-def run(cfg: TrainConfig, output_uri: str) -> dict:
-    return run_training(cfg.model_copy(update={"stage": "stage2"}), output_uri, build_stage2)
+def run(cfg: TrainConfig, output_uri: str, replace_stale: bool = False) -> dict:
+    return run_training(cfg.model_copy(update={"stage": "stage2"}), output_uri, build_stage2, replace_stale)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -13,6 +14,7 @@ from pipelines import io, runroot
 from pipelines.config import ConfigError, load_config
 from pipelines.data.shards import expand_shards
 from pipelines.train.config import TrainConfig
+from pipelines.train.inputs import INPUTS_FILE, StaleOutput, input_hashes, stale_reason
 from pipelines.train.loop import StageParts, train_loop_per_worker
 from pipelines.train import storage
 
@@ -61,18 +63,29 @@ def stage1_checkpoint(init: str) -> str:
     return found[1] if found else init
 
 
-def run(cfg: TrainConfig, output_uri: str, build_stage: BuildStage) -> dict[str, Any]:
+def run(cfg: TrainConfig, output_uri: str, build_stage: BuildStage, replace_stale: bool = False) -> dict[str, Any]:
     """Train to `cfg.optim.total_steps` into `output_uri` (a local directory or an object-store URI), resuming
-    from its latest checkpoint."""
+    from its latest checkpoint. A finished run with the same config and input files returns its recorded result.
+    An output holding another run's checkpoints (another config, or other input files) raises StaleOutput before
+    any worker starts; with `replace_stale` a local one is renamed aside (`set_aside`) and training starts over."""
     output = storage.normalise(output_uri)
     cfg = absolute_paths(cfg)
     validate(cfg, output)
-    record = runroot.completed(output, cfg.identity_hash(), {})
+    inputs = input_hashes(cfg)
+    record = runroot.completed(output, cfg.identity_hash(), inputs)
     if record is not None:
         return record["result"]
+    latest = storage.latest(output) if io.exists(output) else None
+    reason = stale_reason(output, latest[1] if latest else None, cfg.identity_hash(), inputs)
+    if reason and replace_stale and not storage.is_remote(output):
+        log.warning("%s: %s; moved it to %s, training from the start", output, reason, set_aside(output))
+    elif reason:
+        raise StaleOutput(f"{output}: {reason}. Train into a new output directory, or delete this one (or its "
+                          "checkpoints/ folder) to start over")
     io.makedirs(output)
     fs, path = io.fs_and_path(io.join(output, "train_config.yaml"))
     fs.pipe_file(path, cfg.to_yaml().encode())
+    io.write_json_atomic(io.join(output, INPUTS_FILE), inputs)
     started = time.time()
     loop_config = {"cfg": cfg.model_dump(mode="json"), "output": output, "build_stage": build_stage}
     if cfg.scaling.workers == 0:
@@ -85,9 +98,16 @@ def run(cfg: TrainConfig, output_uri: str, build_stage: BuildStage) -> dict[str,
     result = {"stage": cfg.stage, "steps": step, "checkpoint": path, "output": output,
               "mlflow_run_id": _run_id(output), "seconds": round(time.time() - started, 1),
               "first": metrics.get("first"), "last": metrics.get("last")}
-    runroot.write_success(output, step=f"train-{cfg.stage}", config_hash=cfg.identity_hash(), input_hashes={},
+    runroot.write_success(output, step=f"train-{cfg.stage}", config_hash=cfg.identity_hash(), input_hashes=inputs,
                           result=result, started=started)
     return result
+
+
+def set_aside(output: str) -> str:
+    """Rename a local output directory to `<output>.replaced-<time>` (kept, not deleted); returns the new name."""
+    kept = f"{output}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(output, kept)
+    return kept
 
 
 def fit_with_ray(cfg: TrainConfig, output: str, loop_config: dict[str, Any]) -> None:
@@ -128,7 +148,11 @@ def main(argv: list[str] | None, stage: str, build_stage: BuildStage) -> int:
                         "(checkpoints, config, MLflow run id)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 scaling.workers=2")
     args = parser.parse_args(argv)
-    cfg = load_config(TrainConfig, args.config, [f"stage={stage}", *args.overrides])
-    result = run(cfg, args.output, build_stage)
+    try:
+        cfg = load_config(TrainConfig, args.config, [f"stage={stage}", *args.overrides])
+        result = run(cfg, args.output, build_stage)
+    except (ConfigError, StaleOutput) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2))
     return 0

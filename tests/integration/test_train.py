@@ -55,6 +55,36 @@ def test_a_checkpoint_from_another_config_is_refused(shards, tmp_path):
                                                      "optim.lr": 5e-4}), str(output))
 
 
+def test_stage2_of_a_retrained_stage1_is_neither_reused_nor_resumed(shards, tmp_path):
+    """The stage-1 checkpoint is named by path: trained again under the same path, the stage-2 run made from the
+    old one is stale. The plain job refuses it before training; the pipeline's (replace_stale) sets it aside."""
+    import shutil
+
+    from pipelines import train_stage1, train_stage2
+    from pipelines.train.inputs import StaleOutput
+
+    plain = {"scaling.workers": 0, "checkpoint.every": 1}
+    cfg1 = config(shards, tmp_path, **plain, **{"optim.total_steps": 2})
+    cfg2 = config(shards, tmp_path, **plain, **{"stage": "stage2", "model.init_from": str(tmp_path / "s1"),
+                                                "optim.total_steps": 2})
+    train_stage1.run(cfg1, str(tmp_path / "s1"))
+    first = train_stage2.run(cfg2, str(tmp_path / "s2"))
+    assert train_stage2.run(cfg2, str(tmp_path / "s2")) == first  # nothing changed: the recorded result
+
+    shutil.rmtree(tmp_path / "s1")
+    train_stage1.run(cfg1, str(tmp_path / "s1"))  # the same config, trained again: new files at the same path
+    with pytest.raises(StaleOutput, match="init_from changed"):
+        train_stage2.run(cfg2, str(tmp_path / "s2"))
+    (tmp_path / "s2" / "_SUCCESS.json").unlink()  # an interrupted stage 2 is refused too (train_inputs.json)
+    with pytest.raises(StaleOutput, match="init_from changed"):
+        train_stage2.run(cfg2, str(tmp_path / "s2"))
+
+    again = train_stage2.run(cfg2, str(tmp_path / "s2"), replace_stale=True)
+    assert again["steps"] == 2 and again["mlflow_run_id"] != first["mlflow_run_id"]  # trained anew
+    kept = [p.name for p in tmp_path.iterdir() if p.name.startswith("s2.replaced-")]
+    assert len(kept) == 1 and (tmp_path / kept[0] / "checkpoints").is_dir()  # the old run is kept, not deleted
+
+
 def launch(cfg: TrainConfig, tmp_path, output, name="train.yaml"):
     """`python -m pipelines.train_stage1` as its own process group (so a kill takes its Ray with it)."""
     import subprocess

@@ -173,6 +173,24 @@ def test_resume_redoes_only_the_missing_shard(assets, first_run):
     assert (changed.shards_reused, changed.shards_written) == (0, 2)
 
 
+def test_a_model_written_again_under_the_same_path_redoes_every_shard(assets):
+    """The models are named by path: when the ranker's folder is written again (a retrained stand-in), neither the
+    finished record nor a shard made with the old weights is reused."""
+    from safetensors.torch import load_file, save_file
+
+    ranker = assets["root"] / "clip-retrained"
+    shutil.copytree(assets["clip"], ranker)
+    cfg, out = config(assets, ranker=f"local-dir:{ranker}"), assets["root"] / "out-retrained"
+    first = run(cfg, str(out))
+    assert run(cfg, str(out)).reused  # nothing changed: the record holds
+    weights = ranker / "open_clip_model.safetensors"
+    save_file({name: value + 0.01 for name, value in load_file(weights).items()}, str(weights))
+    again = run(cfg, str(out))
+    assert not again.reused and (again.shards_reused, again.shards_written) == (0, first.shards_written) == (0, 2)
+    (out / "_SUCCESS.json").unlink()
+    assert run(cfg, str(out)).shards_reused == 2  # per shard: those made with the current weights are kept
+
+
 def test_corrupt_shard_is_reported_and_skipped(assets, first_run):
     _, done = first_run
     shards = assets["root"] / "damaged"
