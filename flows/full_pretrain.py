@@ -2,9 +2,10 @@
 
 Each step of `pipelines.pipeline` is a task: retried on I/O and cluster failures, cached so that the flow run
 again skips the steps that finished (the cache records live inside the run root, next to the step's outputs,
-keyed by the step's own config: change a step's config and that step and the ones after it run again) and an
-interrupted one resumes (training from its last checkpoint). Each task leaves a Prefect artifact (counts,
-metrics, its MLflow run); the flow leaves the summary. One MLflow parent run per flow run.
+keyed by the step's own config and by the records of the steps before it: change a step's config, or make it
+really run again, and that step and the ones after it run again) and an interrupted one resumes (training from
+its last checkpoint). Each task leaves a Prefect artifact (counts, metrics, its MLflow run); the flow leaves the
+summary. One MLflow parent run per flow run.
 
     python -m flows --profile demo --run-root runs/demo [dotted overrides]   # in-process (make demo)
     prefect deployment run 'full-pretrain/demo'                                              # server mode
@@ -28,7 +29,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
-from pipelines import pipeline, runroot  # noqa: E402
+from pipelines import io, pipeline, runroot  # noqa: E402
 from pipelines.pipeline import PipelineConfig  # noqa: E402
 from pipelines.profiles import PROFILES, build_profile  # noqa: E402
 
@@ -54,12 +55,34 @@ CACHE_DIR = {"download": "raw", "foundation": "foundation", "capfilt": "capfilt"
              "stage1": "stage1", "stage2": "stage2", "evaluate": "eval", "index": "index-cache"}
 
 
+# The steps that leave outputs later steps read, with the config section that names each.
+PRODUCERS = {"download": "downloads", "foundation": "foundation", "capfilt": "capfilt", "stage1": "stage1",
+             "stage2": "stage2"}
+
+
 def step_key(step: str, cfg: PipelineConfig) -> str:
-    """Hash of what the step's result depends on (config sections, run root), without tracking fields."""
+    """Hash of what the step's result depends on (config sections, run root), without tracking fields, and of the
+    records (`_SUCCESS.json`) of the steps before it whose outputs it reads: a step that really ran again (new
+    code, files deleted) rewrites its record, so the steps after it run again too instead of returning results
+    made from its old outputs (each step's own records then decide what is really redone)."""
     data = cfg.model_dump(mode="json")
     parts = {name: _strip(data.get(name)) for name in DEPENDS_ON[step]}
-    blob = json.dumps({"step": step, "run_root": cfg.run_root, "parts": parts}, sort_keys=True).encode()
+    records = [uri for producer in upstream(step) for uri in success_records(producer, cfg) if io.exists(uri)]
+    blob = json.dumps({"step": step, "run_root": cfg.run_root, "parts": parts,
+                       "upstream": io.files_fingerprint(records)}, sort_keys=True).encode()
     return f"{step}-{hashlib.sha256(blob).hexdigest()[:24]}"
+
+
+def upstream(step: str) -> list[str]:
+    """The earlier steps whose outputs `step` reads (those whose config section it depends on)."""
+    return [producer for producer, section in PRODUCERS.items() if producer != step and section in DEPENDS_ON[step]]
+
+
+def success_records(step: str, cfg: PipelineConfig) -> list[str]:
+    """Where a producing step writes its `_SUCCESS.json` (one per split for the download)."""
+    if step == "download":
+        return [cfg.path("raw", split, runroot.SUCCESS) for split in cfg.downloads]
+    return [cfg.path(step, runroot.SUCCESS)]
 
 
 def _strip(value: Any) -> Any:

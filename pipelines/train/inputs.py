@@ -66,7 +66,9 @@ def stale_reason(output: str, latest_checkpoint: str | None, identity_hash: str,
         return (f"its checkpoints were written with config hash {written_with!r}, the current config hashes to "
                 f"{identity_hash!r}")
     recorded = recorded_inputs(output)
-    if not recorded or recorded == inputs:  # none recorded (an output of an older version): resumable
+    if recorded is None or recorded == inputs:  # None: an interrupted run of an older version, resumable
         return None
+    if not recorded:
+        return "it was finished by an older version that recorded no version stamps of its input files"
     changed = sorted(key for key in set(recorded) | set(inputs) if recorded.get(key) != inputs.get(key))
     return f"it was trained on other input files than the current ones: {', '.join(changed)} changed"

@@ -26,6 +26,28 @@ def test_step_keys_follow_what_each_step_depends_on(tmp_path):
     assert full_pretrain.step_key("download", elsewhere) != key["download"]
 
 
+def test_a_step_that_ran_again_makes_the_steps_reading_its_outputs_run_again(tmp_path):
+    from pipelines import runroot
+
+    cfg = build_profile("tiny", str(tmp_path))
+
+    def keys():
+        return {step: full_pretrain.step_key(step, cfg) for step in full_pretrain.DEPENDS_ON}
+
+    def ran(step, uri):
+        before = keys()
+        runroot.write_success(uri, step=step, config_hash="h", input_hashes={}, result={}, started=0.0)
+        after = keys()
+        assert after == keys()  # stable while nothing is rewritten
+        return {s for s in before if after[s] != before[s]}
+
+    readers_of_capfilt = {"loader_check", "stage1", "stage2", "evaluate", "index"}
+    assert ran("capfilt", cfg.path("capfilt")) == readers_of_capfilt
+    assert ran("stage1", cfg.path("stage1")) == {"stage2", "evaluate", "index"}
+    assert ran("capfilt", cfg.path("capfilt")) == readers_of_capfilt  # rewritten: a new record, new keys again
+    assert ran("download", cfg.path("raw", "web")) == set(full_pretrain.DEPENDS_ON) - {"download"}
+
+
 @pytest.fixture(scope="module")
 def harness():
     from prefect.testing.utilities import prefect_test_harness
