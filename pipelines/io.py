@@ -87,17 +87,23 @@ _VERSION_KEYS = ("size", "mtime", "LastModified", "ETag", "etag", "created")
 
 def files_fingerprint(uris: list[str]) -> str:
     """A cheap version stamp of files and folders (local or remote): every file's name, size and modification
-    time (ETag on object stores), hashed; no bytes are read. Changes when a file is rewritten, added or removed."""
-    rows = []
+    time (ETag on object stores), hashed; no bytes are read. Changes when a file is rewritten, added or removed.
+    One listing per parent folder (not one request per file: thousands of shards on an object store)."""
+    rows, listings = [], {}
     for uri in uris:
         if str(uri).startswith(("http://", "https://")):  # a web server's listing and dates are not reliable
             rows.append([str(uri)])
             continue
         fs, path = fs_and_path(uri)
-        fs.invalidate_cache(path)
-        infos = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
-        for name, info in sorted(infos.items()):
-            rows.append([name] + [str(info[key]) for key in _VERSION_KEYS if info.get(key) is not None])
+        parent = path.rstrip("/").rsplit("/", 1)[0] or "/"
+        if (fs.protocol, parent) not in listings:
+            fs.invalidate_cache(parent)
+            listings[(fs.protocol, parent)] = ({e["name"].rstrip("/"): e for e in fs.ls(parent, detail=True)}
+                                               if fs.isdir(parent) else {})
+        info = listings[(fs.protocol, parent)].get(path.rstrip("/")) or fs.info(path)
+        infos = fs.find(path, detail=True) if info.get("type") == "directory" else {path: info}
+        for name, entry in sorted(infos.items()):
+            rows.append([name] + [str(entry[key]) for key in _VERSION_KEYS if entry.get(key) is not None])
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
