@@ -55,7 +55,8 @@ class DemoConfig(StepConfig):
                                     description="QFormerConfig overrides of the tiny preset. Cross-attention in both "
                                     "layers: with it only in the first, the text and the second layer read the image "
                                     "through one attention, and stage 2 named 8% of the test objects (VQA 26%); with "
-                                    "both, 20% (VQA 37%), for ~20% more stage-1 time")
+                                    "both, 20% (VQA 37%), for ~20% more stage-1 time (one seed each at the old stage-1 "
+                                    "lr 6e-3, where seeds spread VQA over 22-37%)")
     web_weight: float = Field(0.3, gt=0, description="sampling ratio of the web split against the curated one")
     train_transform: bool = Field(False, description="random crops + flips (crops cut objects out of captions)")
     stage1_lr: float = Field(3e-3, gt=0, description="the tiny Q-Former's peak lr: at 1e-3 its queries attend "
