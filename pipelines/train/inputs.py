@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from pipelines import io
+from pipelines import io, runroot
 from pipelines.data.shards import expand_shards
 from pipelines.train.config import TrainConfig
 from pipelines.train.state import STATE_FILE, CheckpointMismatch
@@ -34,7 +34,8 @@ def _local_model_dir(name: str | None) -> str | None:
 def input_hashes(cfg: TrainConfig) -> dict[str, str]:
     """Fingerprints of the run's input files: "data" always; "init_from", "vision", "llm", "tokenizer" when the
     config names local (or object-store) files for them. Expects `runner.absolute_paths(cfg)`."""
-    shards = [url for source in cfg.data.sources for url in expand_shards(source.shards, f"data.sources[{source.name}]")]
+    shards = [url for source in cfg.data.sources
+              for url in expand_shards(source.shards, f"data.sources[{source.name}]")]
     hashes = {"data": io.files_fingerprint(shards)}
     model = cfg.model
     named = {"init_from": model.init_from, "vision": _local_model_dir(model.vision.get("name")),
@@ -46,8 +47,6 @@ def input_hashes(cfg: TrainConfig) -> dict[str, str]:
 def recorded_inputs(output: str) -> dict[str, str] | None:
     """The input fingerprints an output's run started with (train_inputs.json, else its _SUCCESS.json), or None
     for an output that recorded none."""
-    from pipelines import runroot
-
     path = io.join(output, INPUTS_FILE)
     if io.exists(path):
         return io.read_json(path)
