@@ -328,8 +328,8 @@ def models_version(cfg: CapfiltConfig) -> str:
     return io.files_fingerprint(paths)
 
 
-def shard_provenance(cfg: CapfiltConfig, input_sha: str, skipped: SkipCounter) -> dict[str, str]:
-    return {"output_hash": cfg.output_hash(), "models": models_version(cfg), "input_sha256": input_sha,
+def shard_provenance(cfg: CapfiltConfig, models: str, input_sha: str, skipped: SkipCounter) -> dict[str, str]:
+    return {"output_hash": cfg.output_hash(), "models": models, "input_sha256": input_sha,
             "skipped": json.dumps(dict(skipped.counts))}
 
 
@@ -361,11 +361,12 @@ class ShardReport:
     error: str | None = None
 
 
-def finish_shard(cfg: CapfiltConfig, output_uri: str, shard: ShardInput, input_sha: str,
+def finish_shard(cfg: CapfiltConfig, models: str, output_uri: str, shard: ShardInput, input_sha: str,
                  synthetic: list[list[str]], scores: list[list[float]], seconds: tuple[float, float]) -> ShardReport:
-    """Rank, write, report one shard whose captions and scores are done."""
+    """Rank, write, report one shard whose captions and scores are done (`models`: `models_version`, taken once by
+    the driver)."""
     ranked = [rank_candidates(s.web_caption, c, sc, cfg.keep) for s, c, sc in zip(shard.samples, synthetic, scores)]
-    write_shard(output_uri, shard.name, shard.samples, ranked, shard_provenance(cfg, input_sha, shard.skipped))
+    write_shard(output_uri, shard.name, shard.samples, ranked, shard_provenance(cfg, models, input_sha, shard.skipped))
     return ShardReport(shard.name, len(shard.samples), sum(len(c) for c in synthetic), seconds[0], seconds[1],
                        dict(shard.skipped.counts))
 
@@ -382,7 +383,8 @@ def corrupt_report(output_uri: str, shard: ShardInput) -> ShardReport:
 
 
 # ---------------------------------------------------------------------------------- local executor
-def run_local(cfg: CapfiltConfig, output_uri: str, pending: dict[str, str], total_images: int) -> list[ShardReport]:
+def run_local(cfg: CapfiltConfig, models: str, output_uri: str, pending: dict[str, str], total_images: int
+              ) -> list[ShardReport]:
     """In-process: read a shard, caption and rank it in batches, write it; next shard."""
     from pipelines.capfilt_models import ClipRanker, load_captioner
 
@@ -404,7 +406,8 @@ def run_local(cfg: CapfiltConfig, output_uri: str, pending: dict[str, str], tota
                 seconds[0] += t_caption
                 seconds[1] += t_rank
                 bar.update(len(batch))
-            reports.append(finish_shard(cfg, output_uri, shard, input_sha, synthetic, scores, tuple(seconds)))
+            reports.append(finish_shard(cfg, models, output_uri, shard, input_sha, synthetic, scores,
+                                        tuple(seconds)))
             log.info("capfilt: wrote %s (%d images)", shard.name, len(shard.samples))
     return reports
 
@@ -428,14 +431,15 @@ def _shard_rows(item: dict[str, Any]) -> list[dict[str, Any]]:
              "web_caption": s.web_caption, "meta": json.dumps(s.meta)} for i, s in enumerate(shard.samples)]
 
 
-def _write_group(batch: dict[str, Any], cfg_json: str, output_uri: str, scans: dict[str, dict]) -> dict[str, Any]:
+def _write_group(batch: dict[str, Any], cfg_json: str, models: str, output_uri: str, scans: dict[str, dict]
+                 ) -> dict[str, Any]:
     """One shard's rows (any order) -> its output files; returns the shard's report as one JSON row."""
     order = sorted(range(len(batch["index"])), key=lambda i: int(batch["index"][i]))
     batch = {name: [column[i] for i in order] for name, column in batch.items()}
     scan = scans[str(batch["shard"][0])]
     shard = ShardInput(scan["url"], scan["name"], _rows_to_samples(batch), _counter(scan["skipped"]))
     seconds = (float(sum(batch["caption_seconds"])), float(sum(batch["rank_seconds"])))
-    report = finish_shard(CapfiltConfig.model_validate_json(cfg_json), output_uri, shard, scan["sha"],
+    report = finish_shard(CapfiltConfig.model_validate_json(cfg_json), models, output_uri, shard, scan["sha"],
                           [json.loads(c) for c in batch["synthetic"]], [json.loads(s) for s in batch["scores"]],
                           seconds)
     return {"report": [json.dumps(report.__dict__)]}
@@ -458,7 +462,7 @@ def _actor_resources(cfg: CapfiltConfig) -> tuple[dict[str, float], str]:
     return {"num_cpus": cfg.ray_actor_cpus, "num_gpus": gpus}, device
 
 
-def run_ray(cfg: CapfiltConfig, output_uri: str, pending: dict[str, str]) -> list[ShardReport]:
+def run_ray(cfg: CapfiltConfig, models: str, output_uri: str, pending: dict[str, str]) -> list[ShardReport]:
     """Ray Data: scan the shards (tasks), then samples -> captioner actors -> ranker actors -> grouped back by
     shard -> written. Actors get fractional CPUs (a whole CPU each starves the read tasks on a small box)."""
     import ray
@@ -467,16 +471,17 @@ def run_ray(cfg: CapfiltConfig, output_uri: str, pending: dict[str, str]) -> lis
     try:
         scans = ray.data.from_items([{"url": u, "sha": sha} for u, sha in pending.items()]).map(
             _scan_shard, num_cpus=cfg.ray_actor_cpus).take_all()
-        reports, todo = _reports_before_captioning(cfg, output_uri, scans)
+        reports, todo = _reports_before_captioning(cfg, models, output_uri, scans)
         if todo:
-            reports += _caption_rank_write(cfg, output_uri, todo)
+            reports += _caption_rank_write(cfg, models, output_uri, todo)
         return reports
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _reports_before_captioning(cfg: CapfiltConfig, output_uri: str, scans: list[dict]) -> tuple[list, dict]:
+def _reports_before_captioning(cfg: CapfiltConfig, models: str, output_uri: str, scans: list[dict]
+                               ) -> tuple[list, dict]:
     """Corrupt shards are reported, shards without a usable sample written empty; the rest returned by url."""
     reports, todo = [], {}
     for scan in scans:
@@ -484,13 +489,13 @@ def _reports_before_captioning(cfg: CapfiltConfig, output_uri: str, scans: list[
         if shard.error:
             reports.append(corrupt_report(output_uri, shard))
         elif scan["samples"] == 0:
-            reports.append(finish_shard(cfg, output_uri, shard, scan["sha"], [], [], (0.0, 0.0)))
+            reports.append(finish_shard(cfg, models, output_uri, shard, scan["sha"], [], [], (0.0, 0.0)))
         else:
             todo[scan["url"]] = scan
     return reports, todo
 
 
-def _caption_rank_write(cfg: CapfiltConfig, output_uri: str, todo: dict[str, dict]) -> list[ShardReport]:
+def _caption_rank_write(cfg: CapfiltConfig, models: str, output_uri: str, todo: dict[str, dict]) -> list[ShardReport]:
     import ray
 
     resources, device = _actor_resources(cfg)
@@ -504,7 +509,8 @@ def _caption_rank_write(cfg: CapfiltConfig, output_uri: str, todo: dict[str, dic
     ranked = captioned.map_batches(RankActor, fn_constructor_kwargs=dict(
         name=cfg.ranker, weights=cfg.ranker_weights, **common), **pool)
     written = ranked.groupby("shard", num_partitions=len(todo)).map_groups(
-        _write_group, fn_kwargs={"cfg_json": cfg.model_dump_json(), "output_uri": output_uri, "scans": todo},
+        _write_group, fn_kwargs={"cfg_json": cfg.model_dump_json(), "models": models, "output_uri": output_uri,
+                                "scans": todo},
         batch_format="numpy", num_cpus=cfg.ray_actor_cpus)
     return [ShardReport(**json.loads(row["report"])) for row in written.take_all()]
 
@@ -638,10 +644,10 @@ def pick_executor(cfg: CapfiltConfig, images: int) -> str:
     return "ray" if images > cfg.ray_min_images else "local"
 
 
-def split_done(cfg: CapfiltConfig, output_uri: str, input_shas: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    """(pending url -> input sha, names of the shards already complete for this config and input)."""
+def split_done(cfg: CapfiltConfig, models: str, output_uri: str, input_shas: dict[str, str]
+               ) -> tuple[dict[str, str], list[str]]:
+    """(pending url -> input sha, names of the shards already complete for this config, models and input)."""
     pending, reused = {}, []
-    models = models_version(cfg)
     for url, sha in input_shas.items():
         provenance = read_provenance(output_uri, shard_name(url))
         wanted = {"output_hash": cfg.output_hash(), "models": models, "input_sha256": sha}
@@ -658,7 +664,8 @@ def run(cfg: CapfiltConfig, output_uri: str) -> CapfiltResult:
     output_uri = output_uri if "://" in output_uri else os.path.abspath(output_uri)  # Ray workers write there too
     urls = validate(cfg, output_uri)  # before any model is loaded or anything is written
     input_shas = {url: input_sha(url) for url in urls}
-    input_hashes = {shard_name(u): sha for u, sha in input_shas.items()} | {"captioner+ranker": models_version(cfg)}
+    models = models_version(cfg)  # once, here: every shard written by this run carries this stamp
+    input_hashes = {shard_name(u): sha for u, sha in input_shas.items()} | {"captioner+ranker": models}
     record = runroot.completed(output_uri, cfg.config_hash(), input_hashes)
     if record is not None:
         log.info("capfilt: %s already holds this result (config %s); not running again", output_uri,
@@ -669,7 +676,7 @@ def run(cfg: CapfiltConfig, output_uri: str) -> CapfiltResult:
     fs, config_path = io.fs_and_path(io.join(output_uri, CONFIG_FILE))
     fs.pipe_file(config_path, cfg.to_yaml().encode())
 
-    pending, reused = split_done(cfg, output_uri, input_shas)
+    pending, reused = split_done(cfg, models, output_uri, input_shas)
     total = sum(count_images(url) for url in pending)
     executor = pick_executor(cfg, total)
     log.info("capfilt: %d shards (%d done before, %d to do, ~%d images) with the %s executor",
@@ -678,9 +685,9 @@ def run(cfg: CapfiltConfig, output_uri: str) -> CapfiltResult:
     if not pending:
         reports = []
     elif executor == "ray":
-        reports = run_ray(cfg, output_uri, pending)
+        reports = run_ray(cfg, models, output_uri, pending)
     else:
-        reports = run_local(cfg, output_uri, pending, total)
+        reports = run_local(cfg, models, output_uri, pending, total)
     wall = time.perf_counter() - t0
     result = summarize(cfg, output_uri, executor, urls, reused, reports, wall)
     io.write_json_atomic(io.join(output_uri, SUMMARY_FILE), result.model_dump(mode="json"))
