@@ -13,22 +13,30 @@ Position: every batch carries its reader's position (per source: epoch and the n
 from the stream in that epoch; draws made). `TrainLoader.state_dict()` keeps the latest position per
 reader; a loader built with that state skips what each reader had read and continues with unseen data.
 Samples that sat in a shuffle buffer at checkpoint time are dropped for that epoch, never repeated.
+
+Memory cache (`cache_mb` > 0, for datasets that fit, such as the demo's): a reader keeps each shard it read
+whole, its samples decoded on first use (and resized already when the image transform is deterministic), and
+reads it from memory in later epochs: the batches are the same as without it, and a skipped sample is counted
+once rather than once per epoch.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import signal
 import threading
 import zlib
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import InterpolationMode
 
 from pipelines.config import ConfigError, StepConfig
 from pipelines.data.shards import (SkipCounter, decode_sample, expand_shards, iter_raw_samples,
@@ -54,6 +62,8 @@ class LoaderConfig(StepConfig):
     seed: int = 0
     max_words: int = Field(50, gt=0)
     train_transform: bool = True
+    cache_mb: float = Field(0, ge=0, description="per reader: MiB of shards kept in memory once read (decoded on "
+                            "first use; 0: every epoch reads and decodes the shards again)")
 
     @field_validator("sources")
     @classmethod
@@ -74,29 +84,94 @@ def _uniform(*parts: Any) -> float:
     return int.from_bytes(digest, "little") / 2.0**64
 
 
+class Item:
+    """One raw sample of a shard; `sample()` decodes it (None: skipped, counted), once when its shard is cached."""
+
+    __slots__ = ("raw", "decoded", "cache")
+
+    def __init__(self, raw: dict):
+        self.raw, self.decoded, self.cache = raw, None, None
+
+    def sample(self, decode: Callable[[dict, SkipCounter], dict | None], skipped: SkipCounter) -> dict | None:
+        if self.raw is None:  # decoded before (None: skipped before)
+            return self.decoded
+        sample = decode(self.raw, skipped)
+        if self.cache is not None and self.cache.swap(self.raw, sample):
+            self.raw, self.decoded = None, sample
+        return sample
+
+
+class ShardCache:
+    """One reader's shards kept in memory once read whole, up to `budget` bytes (raw, then decoded, sizes)."""
+
+    def __init__(self, budget_mb: float):
+        self.budget, self.used = budget_mb * 2**20, 0
+        self.shards: dict[str, list[Item]] = {}
+
+    def keep(self, url: str, items: list[Item]) -> None:
+        """Keep a shard read whole (its items raw; each holds its decoded sample from its next use on)."""
+        size = sum(_raw_bytes(item.raw) for item in items)
+        if self.used + size <= self.budget:
+            self.shards[url], self.used = items, self.used + size
+            for item in items:
+                item.cache = self
+
+    def swap(self, raw: dict, sample: dict | None) -> bool:
+        """Whether a cached item may hold `sample` in place of `raw` (the budget allows it)."""
+        change = _sample_bytes(sample) - _raw_bytes(raw)
+        if self.used + change > self.budget:
+            return False
+        self.used += change
+        return True
+
+
+def _raw_bytes(raw: dict | None) -> int:
+    return sum(len(v) for v in (raw or {}).values() if isinstance(v, bytes))
+
+
+def _sample_bytes(sample: dict | None) -> int:
+    if sample is None:
+        return 0
+    width, height = sample["image"].size
+    return width * height * len(sample["image"].getbands()) + len(json.dumps(sample["meta"])) + len(sample["text"])
+
+
 class SourceStream:
-    """One source's endless, reader-split, shuffled sample stream with a resumable position."""
+    """One source's endless, reader-split, shuffled sample stream (of `Item`s) with a resumable position."""
 
     def __init__(self, name: str, shards: list[str], seed: int, g: int, G: int,
-                 epoch: int = 0, offset: int = 0, shuffle_buffer: int = 0):
+                 epoch: int = 0, offset: int = 0, shuffle_buffer: int = 0, cache: ShardCache | None = None):
         self.name, self.shards, self.seed, self.g, self.G = name, shards, seed, g, G
         self.epoch, self.offset = epoch, offset  # samples of `epoch` read by this reader
         self.shuffle_buffer = shuffle_buffer
+        self.cache = cache
         self.skipped = SkipCounter()
         self.rng = random.Random(_seed(seed, name, g, epoch, offset))
 
-    def _epoch_samples(self) -> Iterator[dict]:
+    def _shard_items(self, url: str) -> Iterator[Item]:
+        """The shard's items: from the cache, or read (and offered to the cache when read without a shard error)."""
+        if self.cache is not None and url in self.cache.shards:
+            yield from self.cache.shards[url]
+            return
+        items, errors_before = [], self.skipped.counts["truncated_or_unreadable_shard"]
+        for raw in iter_raw_samples(url, self.skipped):
+            items.append(Item(raw))
+            yield items[-1]
+        if self.cache is not None and self.skipped.counts["truncated_or_unreadable_shard"] == errors_before:
+            self.cache.keep(url, items)
+
+    def _epoch_samples(self) -> Iterator[Item]:
         order = np.random.default_rng(_seed(self.seed, self.name, self.epoch)).permutation(len(self.shards))
         split_by_shard = len(self.shards) >= self.G
         mine = order[self.g::self.G] if split_by_shard else order
         index = 0  # this epoch's sample index among the shards read (for split by sample)
         for shard_index in mine:
-            for raw in iter_raw_samples(self.shards[shard_index], self.skipped):
+            for item in self._shard_items(self.shards[shard_index]):
                 index += 1
                 if split_by_shard or (index - 1) % self.G == self.g:
-                    yield raw
+                    yield item
 
-    def _read(self) -> Iterator[dict]:
+    def _read(self) -> Iterator[Item]:
         while True:
             read_this_epoch = 0
             for raw in self._epoch_samples():
@@ -110,8 +185,8 @@ class SourceStream:
                                    f"samples in {len(self.shards)} shard(s); skipped: {dict(self.skipped.counts)}")
             self.epoch, self.offset = self.epoch + 1, 0
 
-    def __iter__(self) -> Iterator[dict]:
-        buffer: list[dict] = []
+    def __iter__(self) -> Iterator[Item]:
+        buffer: list[Item] = []
         for raw in self._read():
             if self.shuffle_buffer <= 1:
                 yield raw
@@ -137,6 +212,15 @@ class MixedStream(IterableDataset):
         self.cumulative[-1] = 1.0
         self.state = _usable_state(state, self.G)
 
+    def _decode(self, raw: dict, skipped: SkipCounter) -> dict | None:
+        """The decoded sample; with the deterministic transform its image is resized already (as the transform
+        would: resizing to the same size again is a copy), so a cached sample is stored at the model's size."""
+        sample = decode_sample(raw, skipped)
+        if sample is not None and not self.cfg.train_transform:
+            sample["image"] = TF.resize(sample["image"], [self.cfg.image_size] * 2,
+                                        interpolation=InterpolationMode.BICUBIC)
+        return sample
+
     def _reader_id(self) -> int:
         info = get_worker_info()
         return self.rank * self.readers_per_rank + (info.id if info is not None else 0)
@@ -144,9 +228,11 @@ class MixedStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         g = self._reader_id()
         start = self.state.get(g, {})
+        cache = ShardCache(self.cfg.cache_mb) if self.cfg.cache_mb > 0 else None
         sources = [
             SourceStream(s.name, self.shards[s.name], self.cfg.seed, g, self.G,
-                         **start.get("sources", {}).get(s.name, {}), shuffle_buffer=self.cfg.shuffle_buffer)
+                         **start.get("sources", {}).get(s.name, {}), shuffle_buffer=self.cfg.shuffle_buffer,
+                         cache=cache)
             for s in self.cfg.sources
         ]
         iterators = [iter(s) for s in sources]
@@ -159,8 +245,7 @@ class MixedStream(IterableDataset):
         while True:
             which = int(np.searchsorted(self.cumulative, _uniform(self.cfg.seed, "mix", g, draws), side="right"))
             draws += 1
-            raw = next(iterators[which])
-            sample = decode_sample(raw, sources[which].skipped)
+            sample = next(iterators[which]).sample(self._decode, sources[which].skipped)
             if sample is None:
                 continue
             drawn[sources[which].name] += 1

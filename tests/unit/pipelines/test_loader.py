@@ -166,6 +166,52 @@ def test_capfilt_kept_captions_are_drawn_at_random(tmp_path):
     assert min(texts.values()) > 15  # both are used, roughly half and half of 63
 
 
+def varied_source(root: Path) -> Path:
+    """3 shards x 5 samples, each image its own colour and size, one corrupt image."""
+    folder = root / "a"
+    folder.mkdir()
+    for s in range(3):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i in range(5):
+                key = f"a{s}{i}"
+                image = jpeg_bytes((40 * s + 10, 50 * i, 120), size=20 + 2 * i)
+                add_member(tar, f"{key}.jpg", b"not a jpeg" if key == "a12" else image)
+                add_member(tar, f"{key}.txt", f"sample {key} on the left".encode())
+    return folder
+
+
+def draw_batches(iterator, count: int) -> list[tuple]:
+    return [(batch["image"], batch["text"], batch["key"]) for _, batch in zip(range(count), iterator)]
+
+
+@pytest.mark.parametrize("train_transform", [False, True])
+def test_memory_cache_gives_the_same_batches_and_reads_each_shard_once(tmp_path, train_transform):
+    src = varied_source(tmp_path)
+    cfg = config([{"name": "a", "shards": str(src)}], shuffle_buffer=4, train_transform=train_transform)
+    plain = TrainLoader(cfg)
+    expected = draw_batches(iter(plain), 12)  # 48 draws: over three epochs of the 14 readable samples
+    cached = TrainLoader(cfg.model_copy(update={"cache_mb": 1.0}))
+    stream = iter(cached)
+    got = draw_batches(stream, 5)  # 20 draws: the first epoch is read whole
+    src.rename(tmp_path / "gone")  # later epochs come from memory
+    got += draw_batches(stream, 7)
+    for (image, text, key), (image_c, text_c, key_c) in zip(expected, got, strict=True):
+        assert key == key_c and text == text_c
+        assert torch.equal(image, image_c)
+    assert plain.report()["skipped"]["a"]["corrupt_image"] >= 3  # once per epoch
+    assert cached.report()["skipped"]["a"] == {"corrupt_image": 1}  # once
+
+
+def test_memory_cache_keeps_no_shard_beyond_its_budget(tmp_path):
+    src = varied_source(tmp_path)
+    cfg = config([{"name": "a", "shards": str(src)}], cache_mb=1e-4)  # ~100 bytes: less than one shard
+    stream = iter(TrainLoader(cfg))
+    draw_batches(stream, 4)
+    src.rename(tmp_path / "gone")
+    with pytest.raises(RuntimeError, match="no readable samples"):
+        draw_batches(stream, 8)
+
+
 def test_missing_shards_name_the_source(tmp_path):
     with pytest.raises(ConfigError, match="source 'web'"):
         TrainLoader(config([{"name": "web", "shards": str(tmp_path / "nothing")}]))
