@@ -85,7 +85,7 @@ class TrainConfig(StepConfig):
 
     def identity_hash(self) -> str:
         """Hash of what defines the run's results (not how it is scaled, logged or drilled)."""
-        fixed = self.model_dump(mode="json", exclude={"scaling", "tracking", "debug", "log_every",
-                                                      "samples_to_generate"})
-        del fixed["data"]["cache_mb"]  # the loader's memory cache draws the same batches
+        fixed = self.model_dump(mode="json", exclude={"scaling": True, "tracking": True, "debug": True,
+                                                      "log_every": True, "samples_to_generate": True,
+                                                      "data": {"cache_mb"}})  # the cache draws the same batches
         return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
