@@ -31,8 +31,13 @@ plain process pays once, at its first report, a lazy import of `ray.train` (abou
 of a training step; it is paid before the baseline runs (the Ray workers paid theirs at start-up).
 The end-to-end wall-time ratio is reported too.
 
+On a GPU (`--device cuda`): both runs train on the GPU (`scaling.use_gpu`, so the Ray worker holds the GPU and
+its process group uses nccl; bf16 autocast as `precision: auto` gives on a GPU), Ray starts with
+`num_cpus=threads + 2, num_gpus=1`, and the 2-worker run is left out where there is one GPU (two nccl ranks
+may not share a device). The result is named `train_ray_cuda`.
+
     .venv/bin/python benchmarks/bench_train_ray.py [--steps 200] [--log-every 50] [--repeats 5] [--threads 2]
-                                                   [--quick]
+                                                   [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ from pipelines.train_stage1 import build_stage1  # noqa: E402
 BATCH = 8  # per worker (--batch)
 IMAGE_SIZE = 32  # px (--image-size)
 THREADS = 2  # torch threads of the plain process and of the 1-worker run (--threads)
+DEVICE = "cpu"  # --device
 
 
 def recording_build(marker_dir: str, cfg, device):
@@ -111,7 +117,7 @@ def make_config(shards: Path, run_dir: Path, steps: int, log_every: int, workers
                  "batch_size": BATCH,
                  "shuffle_buffer": 32, "num_workers": 0},
         "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "total_steps": steps, "weight_decay": 0.0},
-        "scaling": {"workers": workers, "cpus_per_worker": cpus, "max_failures": 0},
+        "scaling": {"workers": workers, "cpus_per_worker": cpus, "max_failures": 0, "use_gpu": DEVICE == "cuda"},
         "checkpoint": {"every": steps, "keep": 1},
         "tracking": {"uri": f"sqlite:///{run_dir}/mlflow.db", "system_metrics": False},
         "log_every": log_every, "samples_to_generate": 0, "max_text_length": 24,
@@ -175,15 +181,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 40 steps, a report every 10, 1 repeat")
     parser.add_argument("--batch", type=int, default=8, help="batch per worker (a larger step: less overhead share)")
     parser.add_argument("--image-size", type=int, default=32, help="image side in px (and the model's input)")
-    parser.add_argument("--threads", type=int, default=2, choices=(1, 2),
-                        help="torch threads of the plain run and of the 1-worker run (1 leaves a core for Ray's "
-                             "own processes)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads of the plain run and of the 1-worker run (on a 2-core box, 1 leaves a "
+                             "core for Ray's own processes)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: both runs on the GPU, the Ray worker holding it (nccl); no 2-worker run on one GPU")
     args = parser.parse_args()
-    global BATCH, IMAGE_SIZE, THREADS
-    BATCH, IMAGE_SIZE, THREADS = args.batch, args.image_size, args.threads
+    global BATCH, IMAGE_SIZE, THREADS, DEVICE
+    BATCH, IMAGE_SIZE, THREADS, DEVICE = args.batch, args.image_size, args.threads, args.device
+    if not 1 <= THREADS <= (os.cpu_count() or 1):
+        parser.error(f"--threads {THREADS}: this machine has {os.cpu_count()} cores")
     name = "train_ray" if (BATCH, IMAGE_SIZE) == (8, 32) else f"train_ray_b{BATCH}_px{IMAGE_SIZE}"
     name += "" if THREADS == 2 else f"_threads{THREADS}"
+    name += "" if DEVICE == "cpu" else f"_{DEVICE}"
     import torch
+
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    two_workers = DEVICE == "cpu" or torch.cuda.device_count() >= 2
 
     torch.set_num_threads(THREADS)  # the plain runs happen in this process
     steps, log_every, repeats = (40, 10, 1) if args.quick else (args.steps, args.log_every, args.repeats)
@@ -207,13 +222,15 @@ def main() -> None:
         def ray_session(i: int) -> None:
             """Start Ray, run 1 then 2 workers, shut it down (timed)."""
             started = time.perf_counter()
-            ray.init(num_cpus=2, include_dashboard=False)
+            ray.init(**({"num_cpus": 2} if DEVICE == "cpu" else {"num_cpus": THREADS + 2, "num_gpus": 1}),
+                     include_dashboard=False)
             ray_init_s.append(time.perf_counter() - started)
             try:
                 if not ops_ray:
                     ops_ray.update(ray.get(ray.remote(num_cpus=THREADS)(op_timings).remote(THREADS)))
                 ones.append(train_once(f"ray-1-{i}", shards, tmp, steps, log_every, workers=1, cpus=float(THREADS)))
-                twos.append(train_once(f"ray-2-{i}", shards, tmp, steps, log_every, workers=2, cpus=1.0))
+                if two_workers:
+                    twos.append(train_once(f"ray-2-{i}", shards, tmp, steps, log_every, workers=2, cpus=1.0))
             finally:
                 started = time.perf_counter()
                 ray.shutdown()
@@ -230,7 +247,7 @@ def main() -> None:
     plain_rate = statistics.mean(p["steps_per_s"] for p in plain)
     plain_e2e = statistics.mean(p["end_to_end_s"] for p in plain)
     one_rate = statistics.mean(r["steps_per_s"] for r in ones)
-    one_samples, two_samples = (statistics.mean(r["samples_per_s"] for r in runs) for runs in (ones, twos))
+    one_samples = statistics.mean(r["samples_per_s"] for r in ones)
     write_result(
         name,
         baseline={"what": "scaling.workers=0: the loop in one plain process, no Ray running (mean of "
@@ -258,11 +275,12 @@ def main() -> None:
                                 "note": f"the same ops ({THREADS} thread(s)) timed in this process and in a Ray task "
                                         "while Ray "
                                         "runs: what a Ray worker loses on this box before Ray Train adds anything"},
-            "workers_1_vs_2": {
+            "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else f"cpu ({os.cpu_count()} cores)",
+            "workers_1_vs_2": None if not twos else {
                 "one_worker": {"samples_per_s": round(one_samples, 2), "torch_threads": ones[0]["torch_threads"]},
-                "two_workers": {"samples_per_s": round(two_samples, 2), "torch_threads": twos[0]["torch_threads"],
-                                "runs": twos},
-                "scaling_ratio": round(two_samples / one_samples, 3),
+                "two_workers": {"samples_per_s": round(statistics.mean(r["samples_per_s"] for r in twos), 2),
+                                "torch_threads": twos[0]["torch_threads"], "runs": twos},
+                "scaling_ratio": round(statistics.mean(r["samples_per_s"] for r in twos) / one_samples, 3),
                 "note": "samples/s, 2 workers x batch 8 (global 16) over 1 worker x batch 8; on this "
                         f"{os.cpu_count()}-core box the 1 worker gets {THREADS} thread(s) "
                         f"(cpus_per_worker={THREADS}) and each of "

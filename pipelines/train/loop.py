@@ -128,7 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step, samples_seen, loader_state, unwritten = resume(cfg, output, work, model, optimizer, scheduler, rank)
     loader = TrainLoader(cfg.data, rank, world, state=loader_state)
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    tracker = open_tracker(cfg, output, rank, world)
+    tracker = open_tracker(cfg, output, rank, world, device)
     tracker.recover(unwritten)  # metrics of the checkpoint's steps that a crash kept from MLflow
     ceiling = matmul_ceiling(device) if rank == 0 else 0.0
     # Not a terminal (a Ray worker's stdout goes through Ray's log monitor to the driver; a log file): redraw
@@ -256,16 +256,22 @@ def save(cfg: TrainConfig, output: str, work: str, step: int, samples_seen: int,
         torch_dist.barrier()
 
 
-def open_tracker(cfg: TrainConfig, output: str, rank: int, world: int):
+def open_tracker(cfg: TrainConfig, output: str, rank: int, world: int, device: torch.device):
     tracker = make_tracker(rank, tracking_uri=cfg.tracking.uri or default_tracking_uri(os.path.dirname(output)),
                            experiment=cfg.tracking.experiment,
                            run_name=cfg.tracking.run_name or f"{cfg.stage}-{cfg.identity_hash()}",
                            output_uri=output, parent_run_id=cfg.tracking.parent_run_id,
                            system_metrics=cfg.tracking.system_metrics)
+    backend = torch_dist.get_backend() if torch_dist.is_available() and torch_dist.is_initialized() else "none"
     tracker.log_params({**cfg.model_dump(mode="json"), "world_size": world, "identity_hash": cfg.identity_hash(),
-                        "code_version": code_version()})
+                        "code_version": code_version(), "device": device_name(device), "distributed_backend": backend})
     tracker.log_text(cfg.to_yaml(), "config/train_config.yaml")
     return tracker
+
+
+def device_name(device: torch.device) -> str:
+    """What rank 0 trains on, e.g. "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"."""
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def code_version() -> str:

@@ -3,7 +3,7 @@ import pytest
 
 from pipelines.train.config import TrainConfig
 from pipelines.train.state import CheckpointError, latest_checkpoint
-from train_support import config, history, make_shards
+from train_support import config, history, make_shards, params
 
 pytestmark = pytest.mark.integration
 
@@ -26,6 +26,8 @@ def test_stage1_on_two_ray_workers_survives_a_worker_failure(shards, tmp_path):
     assert sum(v for _, v in losses[-3:]) < sum(v for _, v in losses[:3])  # it learns
     widths = history(tmp_path, output, "itc_width")
     assert {v for _, v in widths} == {16.0}  # ITC logits span the global batch: 2 workers x 8
+    recorded = params(tmp_path, output)
+    assert (recorded["world_size"], recorded["device"], recorded["distributed_backend"]) == ("2", "cpu", "gloo")
     # the same job again: already finished, returns the recorded result
     assert train_stage1.run(cfg, str(output))["steps"] == 12
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines.train.state import RNG_FILE, latest_checkpoint
-from train_support import config, history, make_shards
+from train_support import config, history, make_shards, params
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -43,6 +43,8 @@ def test_stage1_on_a_gpu_fails_resumes_and_stage2_follows(shards, tmp_path):
     assert sum(v for _, v in losses[-3:]) < sum(v for _, v in losses[:3])
     weights = load_file(f"{result['checkpoint']}/model.safetensors", device="cpu")
     assert weights and {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+    recorded = params(tmp_path, output)
+    assert recorded["device"].startswith("cuda:0 (") and recorded["distributed_backend"] == "none", recorded
 
     cfg2 = gpu_config(shards, tmp_path, **{"stage": "stage2", "model.init_from": result["checkpoint"],
                                            "optim.total_steps": 8})

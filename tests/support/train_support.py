@@ -35,11 +35,15 @@ def config(shards, tmp_path, **overrides) -> TrainConfig:
     return TrainConfig.model_validate(base)
 
 
-
-
 def history(tmp_path, output, key) -> list[tuple[int, float]]:
     """(step, value) of metric `key` of the job in `output` (its run id in mlflow_run.json), tracked in
     `tmp_path`/mlflow.db as `config` sets it."""
     run_id = json.load(open(output / "mlflow_run.json"))["run_id"]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def params(tmp_path, output) -> dict[str, str]:
+    """The MLflow params of the job in `output`, tracked as `history` reads them."""
+    run_id = json.load(open(output / "mlflow_run.json"))["run_id"]
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).data.params
