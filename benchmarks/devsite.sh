@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Packs what the lent GPU machine's image lacks for the training jobs (Ray, MLflow, webdataset, FAISS and their
-# missing dependencies) as .devsite/site.tar.xz, for `bash benchmarks/device_check.sh` there (carry: .devsite).
+# missing dependencies) as .devsite/site.tar.xz (git-ignored), for `bash benchmarks/device_check.sh` there: name
+# .devsite in the device call's `carry`.
 # Ray's cp312 wheel alone (72 MB) is over the 64 MiB a device call carries, so the wheels are unpacked, Ray's Java
 # jars, RLlib, Serve, LLM and dashboard client and MLflow's UI bundle are left out, and the rest is xz-packed
 # (~53 MiB). Versions are this project's .venv's, for the image's Python (3.12); the packages the image already
-# holds (torch, numpy, pandas, pyarrow, aiohttp, grpcio, ...; /work/.library/device/KINDS.md) are not packed.
+# holds (torch, numpy, pandas, pyarrow, aiohttp, grpcio, ...: the image's package list) are not packed.
 #   bash benchmarks/devsite.sh        (needs .venv: `make venv`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx /.devsite/ .git/info/exclude 2>/dev/null || echo /.devsite/ >> .git/info/exclude
 NEEDED="ray mlflow mlflow-skinny mlflow-tracing webdataset braceexpand open_clip_torch ftfy wcwidth faiss-cpu pydantic
 pydantic_core annotated-types typing-inspection jsonschema jsonschema-specifications referencing rpds-py jsonpointer
 rfc3339-validator sqlalchemy alembic mako sqlparse cachetools importlib_metadata opentelemetry-api opentelemetry-sdk
