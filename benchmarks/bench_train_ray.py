@@ -34,7 +34,7 @@ The end-to-end wall-time ratio is reported too.
 On a GPU (`--device cuda`): both runs train on the GPU (`scaling.use_gpu`, so the Ray worker holds the GPU and
 its process group uses nccl; bf16 autocast as `precision: auto` gives on a GPU), Ray starts with
 `num_cpus=threads + 2, num_gpus=1`, and the 2-worker run is left out where there is one GPU (two nccl ranks
-may not share a device). The result is named `train_ray_cuda`.
+may not share a device). `_cuda` ends the result's name (e.g. `train_ray_threads4_cuda`).
 
     .venv/bin/python benchmarks/bench_train_ray.py [--steps 200] [--log-every 50] [--repeats 5] [--threads 2]
                                                    [--device cpu|cuda] [--quick]
