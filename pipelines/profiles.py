@@ -47,9 +47,9 @@ class DemoConfig(StepConfig):
     train_workers: int = Field(0, ge=0, description="Ray Train workers (0: one plain process, the fastest on 2 "
                                                     "cores: 2 Ray workers train 1.8x fewer samples/s here)")
     stage1_steps: int = Field(3000, gt=0, description="the tiny Q-Former is still learning at 1500 steps: on the same "
-                              "data, 3000 against 1500 took retrieval R@1 from 44.3/45.3 to 63.8/55.9 and the objects "
-                              "stage 1's own decoder names from 14% to 26% (`benchmarks/probe_stage1_captions.py`), "
-                              "for ~2.6 more minutes")
+                              "data (one run each), 3000 against 1500 took retrieval R@1 from 44.3/45.3 to 63.8/55.9 "
+                              "and the objects stage 1's own decoder names from 14% to 26% "
+                              "(`benchmarks/probe_stage1_captions.py`), for ~2 more minutes of the demo")
     stage2_steps: int = Field(2000, gt=0, description="stage 2 keeps learning after its loss flattens: on one stage 1 "
                               "(lr 6e-3, seed 0), VQA 37.0% / 40.5% / 42.1% after 800 / 2000 / 4000 steps at lr 1e-3, "
                               "objects named 19.5 / 24.2 / 27.5%")
