@@ -20,12 +20,15 @@ prettytable colorful aiohttp-cors opencensus opencensus-context orjson pytz tzda
 hyperframe httpcore2 httpx2 platformdirs cryptography cffi pycparser"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-for name in $NEEDED; do  # the .venv's version of each (a name the venv lacks is fetched at the newest)
-  version=$(.venv/bin/python -c "import importlib.metadata as m, sys
-try: print(m.version(sys.argv[1]))
-except m.PackageNotFoundError: pass" "$name")
-  echo "$name${version:+==$version}"
-done > "$work/requirements.txt"
+# the .venv's version of each, in one interpreter (a name the venv lacks is fetched at the newest)
+.venv/bin/python - $NEEDED > "$work/requirements.txt" <<'PY'
+import importlib.metadata as metadata, sys
+for name in sys.argv[1:]:
+    try:
+        print(f"{name}=={metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        print(name)
+PY
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$work/wheels" -r "$work/requirements.txt"
