@@ -2,6 +2,7 @@
 into the platform (build_image_encoder, build_llm, Blip2Stage2); caching, retraining, input errors, falling losses.
 The quality figures at default settings are measured by hand (see the step's report), not here."""
 import json
+import typing
 
 import open_clip
 import numpy as np
@@ -17,11 +18,13 @@ from blip2.stage2 import Blip2Stage2, opt_lm_batch, t5_prefix_lm_batch
 from blip2.vision import build_image_encoder
 from pipelines import foundation
 from pipelines.config import ConfigError
-from pipelines.foundation.captioner import load_clip_vision
+from pipelines.foundation.captioner import load_clip_vision, training_caption
 from pipelines.foundation.clip import object_regions
 from pipelines.data.shards import expand_shards
 from pipelines.foundation.common import load_curated, training_views
-from pipelines.shapes.scene import Obj, Scene
+from pipelines.shapes.captions import STYLES, compose
+from pipelines.shapes.checker import check_caption, parse_caption
+from pipelines.shapes.scene import Obj, Scene, sample_scene
 from pipelines.shapes.shards import pack_split
 from pipelines.shapes.synth import SynthConfig
 from pipelines.shapes.synth import run as synth
@@ -180,7 +183,7 @@ def test_lm_texts_state_the_scene_first_at_the_context_share(curated, share):
     """With context, every text opens with a true caption of its scene, then either another true caption (all
     of it the target) or a VQA prompt whose answer that scene settles; without, none opens with a caption."""
     from pipelines.foundation.language import lm_texts
-    from pipelines.shapes.checker import check_caption
+    from pipelines.shapes.checker import check_caption, parse_caption
 
     samples, _ = load_curated(expand_shards(curated), 64)
     sample = next(s for s in samples if s.questions)
@@ -249,6 +252,27 @@ def test_missing_shards_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="curated"):
         foundation.run(cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_captioner_learns_its_own_styles_only():
+    """Its training captions are true and complete, in its styles, stating sizes / positions at the given shares."""
+    assert set(typing.get_args(foundation.config.CaptionStyle)) == set(STYLES)
+    cfg = foundation.CaptionerConfig()  # the default: 'plain', every size, no position
+    rng, scenes = np.random.default_rng(0), [sample_scene(np.random.default_rng(i)) for i in range(40)]
+    for scene in scenes:
+        caption = training_caption(scene, rng, cfg)
+        mentions = parse_caption(caption).mentions
+        assert check_caption(caption, scene).correct and caption.startswith(("a ", "an "))
+        assert len(mentions) == len(scene.objects) and all(m.sizes and not m.positions for m in mentions)
+    mixed = foundation.CaptionerConfig(styles=["there_is", "count"], size_share=0.0)
+    captions = [training_caption(scene, rng, mixed) for scene in scenes]
+    assert all(c.startswith(("there is", "we can see", "this image shows", "the picture contains", "one ", "two ",
+                             "three ")) for c in captions)
+    assert not any(word in c.split() for c in captions for word in ("small", "little", "large", "big"))
+    with pytest.raises(ValueError, match="captioner.styles is empty"):
+        foundation.CaptionerConfig(styles=[])
+    with pytest.raises(ValueError):
+        foundation.CaptionerConfig(styles=["haiku"])
 
 
 def test_config_is_validated():
