@@ -134,7 +134,8 @@ def train_captioner(model: BlipForConditionalGeneration, processor: BlipProcesso
 
     def loss_at(step: int) -> torch.Tensor:
         index, flips, scenes = draw_batch(rng, scenes_of, cfg.batch)
-        batch = caption_batch(processor.tokenizer, [training_caption(scene, rng, cfg) for scene in scenes], bos, cfg.max_length)
+        captions = [training_caption(scene, rng, cfg) for scene in scenes]
+        batch = caption_batch(processor.tokenizer, captions, bos, cfg.max_length)
         return model.text_decoder(encoder_hidden_states=image_tokens(index, flips), reduction="mean", **batch).loss
 
     return train_loop(groups, loss_at, cfg.steps, cfg.lr, "foundation captioner", progress)
