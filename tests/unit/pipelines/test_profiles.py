@@ -25,6 +25,9 @@ def test_shapes_profiles_use_the_stand_ins_and_capfilt_output(tmp_path):
     assert cfg.world.images == {"curated": 1000, "web": 1000, "test": 200}
     assert cfg.capfilt.captioner == STAND_IN and cfg.stage1.model.vision["name"] == STAND_IN
     assert [s.shards for s in cfg.stage1.data.sources] == [f"{tmp_path}/raw/curated", f"{tmp_path}/capfilt"]
+    assert cfg.capfilt.min_new_tokens == 2  # "a red circle": the stand-in may stop after 3 words, not 5 tokens
+    assert build_profile("demo", str(tmp_path), ["capfilt.min_new_tokens=4"]).capfilt.min_new_tokens == 4
+    assert build_profile("vitg-opt2.7b", "s3://b/r").capfilt.min_new_tokens == 5  # the step's default for BLIP
     without = build_profile("tiny", str(tmp_path), knobs={"capfilt": None})
     assert without.capfilt is None and without.stage1.data.sources[1].shards == f"{tmp_path}/raw/web"
     assert without.world.images["web"] == 40  # the tiny knobs, then the caller's
