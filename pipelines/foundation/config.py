@@ -10,7 +10,7 @@ from pipelines.shapes.captions import STYLES
 
 STEP = "foundation"
 MODELS = ("clip", "captioner", "opt", "t5")
-CaptionStyle = Literal["plain", "list", "photo", "there_is", "count", "relation"]  # pipelines.shapes.captions.STYLES
+CaptionStyle = Literal[STYLES]  # a name from pipelines.shapes.captions.STYLES
 VQA_TEMPLATES = {"opt": "Question: {} Answer:", "t5": "Question: {} Short answer:"}  # blip2.stage2's VQA prompts
 
 

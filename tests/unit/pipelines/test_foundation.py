@@ -22,7 +22,7 @@ from pipelines.foundation.captioner import load_clip_vision, training_caption
 from pipelines.foundation.clip import object_regions
 from pipelines.data.shards import expand_shards
 from pipelines.foundation.common import load_curated, training_views
-from pipelines.shapes.captions import STYLES, compose
+from pipelines.shapes.captions import STYLES
 from pipelines.shapes.checker import check_caption, parse_caption
 from pipelines.shapes.scene import Obj, Scene, sample_scene
 from pipelines.shapes.shards import pack_split
@@ -183,7 +183,6 @@ def test_lm_texts_state_the_scene_first_at_the_context_share(curated, share):
     """With context, every text opens with a true caption of its scene, then either another true caption (all
     of it the target) or a VQA prompt whose answer that scene settles; without, none opens with a caption."""
     from pipelines.foundation.language import lm_texts
-    from pipelines.shapes.checker import check_caption, parse_caption
 
     samples, _ = load_curated(expand_shards(curated), 64)
     sample = next(s for s in samples if s.questions)
