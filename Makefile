@@ -32,10 +32,10 @@ demo: $(STAMP)
 	PREFECT_HOME=$${PREFECT_HOME:-$(abspath $(RUN_ROOT))/.prefect} $(PY) -m flows --profile demo --run-root $(RUN_ROOT)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@set -e; for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script; done
