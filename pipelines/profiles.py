@@ -74,7 +74,8 @@ class DemoConfig(StepConfig):
     stage2_lr: float = Field(2e-3, gt=0, description="2000 steps at 2e-3 against 800 at 1e-3, VQA and objects named: "
                              "40.7 / 26.5% against 37.0 / 19.5% (that stage 1), 40.2 / 31.4% against 36.9 / 18.0% "
                              "(stage 1 at 3e-3, seed 0: the demo), 45.4 / 31.4% against 39.7 / 23.1% (seed 1)")
-    model_image_size: int = Field(64, gt=0, description="the stand-in models' input size (patch 8)")
+    model_image_size: int = Field(64, gt=0, description="the stand-in CLIP's input size (patch 8); the captioner "
+                                  "reads the downloaded `image_size`")
     eval_k: int = Field(128, ge=1, description="retrieval: ITC candidates reranked by ITM")
     caption_prompt: str = Field("this image shows", description="captioning prompt: the demo's stage 2 trains without "
                                 "one; a caption opening steers the stand-in OPT away from its question-answer text")
@@ -108,7 +109,8 @@ def shapes_profile(knobs: DemoConfig, run_root: str, name: str = "demo") -> Pipe
                               "retries": knobs.download_retries,
                               "number_sample_per_shard": 250} for split in SHAPES_SPLITS},
         "foundation": deep_merge({"curated": raw("curated"), "image_size": knobs.model_image_size,
-                                  "seed": knobs.seed}, knobs.foundation),
+                                  "captioner": {"image_size": knobs.image_size}, "seed": knobs.seed},
+                                 knobs.foundation),
         "capfilt": None if knobs.capfilt is None else deep_merge(
             {"shards": raw("web"), "captioner": STAND_IN, "ranker": STAND_IN, "seed": knobs.seed,
              # "a red circle" is 3 tokens: CapFilt's default of 5 (BLIP's minimum, which counts its prompt) makes

@@ -14,6 +14,7 @@ shapes-world word-level BERT tokenizer of blip2/tokenizer.py with [DEC] as the d
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
@@ -46,7 +48,8 @@ def build_captioner(cfg: FoundationConfig, tokenizer) -> BlipForConditionalGener
     """A small BlipForConditionalGeneration whose ViT has the CLIP image tower's dimensions."""
     clip, captioner = cfg.clip, cfg.captioner
     vision = {"hidden_size": clip.width, "intermediate_size": int(clip.width * clip.mlp_ratio),
-              "num_hidden_layers": clip.layers, "num_attention_heads": clip.heads, "image_size": cfg.image_size,
+              "num_hidden_layers": clip.layers, "num_attention_heads": clip.heads,
+              "image_size": cfg.captioner_image_size,
               "patch_size": clip.patch_size, "hidden_act": "gelu", "layer_norm_eps": 1e-5}
     text = {"vocab_size": len(tokenizer), "hidden_size": captioner.text_width,
             "intermediate_size": 4 * captioner.text_width, "num_hidden_layers": captioner.text_layers,
@@ -58,14 +61,27 @@ def build_captioner(cfg: FoundationConfig, tokenizer) -> BlipForConditionalGener
     return model
 
 
+def resize_positions(positions: torch.Tensor, tokens: int) -> torch.Tensor:
+    """A ViT's position embeddings ([CLS] + a square patch grid, (1 + G*G, C)) for a grid of `tokens` - 1
+    patches: the grid's embeddings resized bicubically, as a ViT is fine-tuned at a higher resolution."""
+    grid, new = math.isqrt(positions.shape[0] - 1), math.isqrt(tokens - 1)
+    if new == grid:
+        return positions
+    patches = positions[1:].T.reshape(1, -1, grid, grid)  # (1, C, G, G)
+    patches = F.interpolate(patches, size=(new, new), mode="bicubic", align_corners=False)
+    return torch.cat([positions[:1], patches.reshape(-1, new * new).T])
+
+
 @torch.no_grad()
 def load_clip_vision(blip_vision: torch.nn.Module, clip_dir: Path) -> None:
-    """Copy the trained open_clip ViT (no ln_pre) into BLIP's vision model: the same computation under HF names."""
+    """Copy the trained open_clip ViT (no ln_pre) into BLIP's vision model: the same computation under HF names
+    (at a larger image size, with its position embeddings resized to the finer grid)."""
     visual = open_clip.create_model(f"local-dir:{clip_dir}").visual
+    tokens = blip_vision.embeddings.position_embedding.shape[1]
     state = {"embeddings.class_embedding": visual.class_embedding.view(1, 1, -1),
              "embeddings.patch_embedding.weight": visual.conv1.weight,
              "embeddings.patch_embedding.bias": torch.zeros(visual.conv1.out_channels),
-             "embeddings.position_embedding": visual.positional_embedding.unsqueeze(0),
+             "embeddings.position_embedding": resize_positions(visual.positional_embedding, tokens).unsqueeze(0),
              "post_layernorm.weight": visual.ln_post.weight, "post_layernorm.bias": visual.ln_post.bias}
     names = {"ln_1": "layer_norm1", "attn.in_proj_": "self_attn.qkv.", "attn.out_proj.": "self_attn.projection.",
              "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
@@ -173,7 +189,7 @@ def foundation_captioner(cfg: FoundationConfig, training: TrainingImages, held: 
     """Build (ViT from the CLIP in `clip_dir`), train and save the tiny BLIP captioner; its held-out figures."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    processor = captioner_processor(cfg.image_size)
+    processor = captioner_processor(cfg.captioner_image_size)
     model = build_captioner(cfg, processor.tokenizer)
     load_clip_vision(model.vision_model, clip_dir)
     losses = train_captioner(model, processor, training.images, training.scenes, cfg.captioner, cfg.seed, progress)

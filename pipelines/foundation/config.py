@@ -55,6 +55,10 @@ class CaptionerConfig(_Section):
     starts from a pretrained ViT, and fine-tuned with the captioning loss at `vit_lr`, as BLIP fine-tunes its
     ViT for captioning) + a BERT-style text decoder cross-attending to it."""
 
+    image_size: int | None = Field(None, ge=16, description="its input size (None: the CLIP's `image_size`); a "
+                                   "larger one resizes the CLIP's position embeddings to the finer patch grid. The "
+                                   "demo's is the downloaded 96 (the CLIP's 64): held-out samples 78% correct against "
+                                   "67%, CapFilt kept-correct 78% against 71% (one run each), for ~3 more minutes")
     text_width: int = Field(64, ge=16)
     text_layers: int = Field(2, ge=1)
     text_heads: int = Field(4, ge=1)
@@ -145,10 +149,17 @@ class FoundationConfig(StepConfig):
             raise ValueError(f"models={value}: expected a non-empty list of distinct names from {MODELS}")
         return value
 
+    @property
+    def captioner_image_size(self) -> int:
+        return self.captioner.image_size or self.image_size
+
     @model_validator(mode="after")
     def _consistent(self) -> "FoundationConfig":
         if self.image_size % self.clip.patch_size:
             raise ValueError(f"clip.patch_size={self.clip.patch_size} must divide image_size {self.image_size}")
+        if self.captioner_image_size % self.clip.patch_size:
+            raise ValueError(f"clip.patch_size={self.clip.patch_size} must divide captioner.image_size "
+                             f"{self.captioner_image_size}")
         if "captioner" in self.models and "clip" not in self.models:
             raise ValueError(f"models={self.models}: the captioner's ViT is the CLIP's, so 'clip' must be trained too")
         return self

@@ -53,7 +53,11 @@ def run(cfg: FoundationConfig, output_uri: str | Path, progress: bool = True) ->
         result.metrics["clip"] = foundation_clip(cfg, training, held, out / "clip", progress)
         result.clip_dir = str(out / "clip")
         if "captioner" in cfg.models:
-            result.metrics["captioner"] = foundation_captioner(cfg, training, held, out / "captioner", out / "clip",
+            seen, held_seen = training, held
+            if cfg.captioner_image_size != cfg.image_size:  # its own images: the shards' and views at its size
+                sized_train, held_seen = split_held_out(load_curated(urls, cfg.captioner_image_size)[0], cfg.held_out)
+                seen = training_views(sized_train, cfg.views, cfg.captioner_image_size, cfg.seed, cfg.new_scenes)
+            result.metrics["captioner"] = foundation_captioner(cfg, seen, held_seen, out / "captioner", out / "clip",
                                                                progress)
             result.captioner_dir = str(out / "captioner")
     for kind in ("opt", "t5"):

@@ -136,6 +136,41 @@ def test_captioner_vit_starts_as_the_clip_vit_and_is_fine_tuned(trained):
         assert tuned.shape == expected.shape and not torch.allclose(tuned, expected, atol=1e-3)
 
 
+def test_position_embeddings_resize_to_a_finer_grid():
+    from pipelines.foundation.captioner import resize_positions
+
+    positions = torch.randn(1 + 8 * 8, 16)
+    assert resize_positions(positions, 65) is positions
+    finer = resize_positions(positions, 1 + 12 * 12)
+    assert finer.shape == (145, 16) and torch.equal(finer[0], positions[0])  # [CLS] kept as it is
+    flat = resize_positions(torch.cat([positions[:1], torch.full((64, 16), 0.5)]), 145)
+    assert torch.allclose(flat[1:], torch.full((144, 16), 0.5), atol=1e-6)  # a constant grid stays constant
+    grid = resize_positions(positions, 145)[1:].T.reshape(16, 12, 12)
+    coarse = positions[1:].T.reshape(16, 8, 8)
+    assert torch.corrcoef(torch.stack([grid[:, ::3, ::3].flatten(), coarse[:, ::2, ::2].flatten()]))[0, 1] > 0.8
+
+
+def test_captioner_at_a_larger_image_size_than_the_clip(trained, curated, tmp_path):
+    """`captioner.image_size` 96 over the CLIP's 64: its ViT reads a 12 x 12 grid, starts from the CLIP's weights
+    (position embeddings resized) and its processor resizes images to 96."""
+    cfg, result = trained
+    sized = cfg.model_copy(update={"models": ["clip", "captioner"],
+                                   "captioner": cfg.captioner.model_copy(update={"image_size": 96, "steps": 3})})
+    out = foundation.run(sized, tmp_path, progress=False)
+    blip = BlipForConditionalGeneration.from_pretrained(out.captioner_dir).eval()
+    processor = BlipProcessor.from_pretrained(out.captioner_dir)
+    assert blip.config.vision_config.image_size == 96
+    assert blip.vision_model.embeddings.position_embedding.shape[1] == 1 + 12 * 12
+    pixels = processor(images=[_gray()], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 96, 96)
+    with torch.no_grad():
+        assert blip.generate(pixel_values=pixels, max_new_tokens=5).shape[0] == 1
+    clip = open_clip.create_model(f"local-dir:{out.clip_dir}")
+    assert clip.visual.positional_embedding.shape[0] == 1 + 8 * 8  # the CLIP keeps its own size
+    with pytest.raises(ValueError, match="captioner.image_size 100"):
+        foundation.FoundationConfig(curated="x", captioner={"image_size": 100})
+
+
 @pytest.mark.parametrize("vit_lr", [0.0, 2e-3])
 def test_captioner_vit_is_frozen_at_vit_lr_zero_and_learns_otherwise(trained, curated, vit_lr):
     from pipelines.foundation.captioner import build_captioner, captioner_processor, train_captioner

@@ -28,6 +28,9 @@ def test_shapes_profiles_use_the_stand_ins_and_capfilt_output(tmp_path):
     assert cfg.capfilt.min_new_tokens == 2  # "a red circle": the stand-in may stop after 3 words, not 5 tokens
     assert build_profile("demo", str(tmp_path), ["capfilt.min_new_tokens=4"]).capfilt.min_new_tokens == 4
     assert build_profile("vitg-opt2.7b", "s3://b/r").capfilt.min_new_tokens == 5  # the step's default for BLIP
+    # the captioner reads the web images at their downloaded size; the CLIP (stage 1's encoder) at 64
+    assert cfg.foundation.captioner.image_size == cfg.downloads["web"].image_size == 96
+    assert cfg.foundation.image_size == cfg.stage1.data.image_size == 64
     without = build_profile("tiny", str(tmp_path), knobs={"capfilt": None})
     assert without.capfilt is None and without.stage1.data.sources[1].shards == f"{tmp_path}/raw/web"
     assert without.world.images["web"] == 40  # the tiny knobs, then the caller's
