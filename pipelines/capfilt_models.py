@@ -287,21 +287,26 @@ def open_clip_pretrained(name: str, weights: str | None) -> str | None:
 class ClipRanker:
     """open_clip image-text cosine: `score(images, captions_per_image)` -> one list of cosines per image."""
 
-    def __init__(self, name: str, weights: str | None = None, device: str | torch.device = "auto"):
+    def __init__(self, name: str, weights: str | None = None, device: str | torch.device = "auto",
+                 precision: str | None = None):
+        """precision: open_clip's ("fp16" casts the matmul weights only; norms, embeddings stay fp32); None: fp16
+        on cuda, fp32 elsewhere."""
         import open_clip
 
         self.device = resolve_device(device) if isinstance(device, str) else device
-        precision = "fp16" if self.device.type == "cuda" else "fp32"
+        precision = precision or ("fp16" if self.device.type == "cuda" else "fp32")
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(
             name, pretrained=open_clip_pretrained(name, weights), device=self.device, precision=precision)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
+        # the image goes in as the patch embedding's weights are (open_clip's encode_image does not cast it)
+        self.pixel_dtype = next(m.weight.dtype for m in self.model.visual.modules()
+                                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
 
     @torch.no_grad()
     def score(self, images: list[Image.Image], captions_per_image: list[list[str]]) -> list[list[float]]:
         pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)  # (B, 3, H, W)
-        dtype = next(self.model.parameters()).dtype
-        image_features = self.model.encode_image(pixels.to(dtype), normalize=True).float()  # (B, E)
+        image_features = self.model.encode_image(pixels.to(self.pixel_dtype), normalize=True).float()  # (B, E)
         texts = [caption for captions in captions_per_image for caption in captions]
         tokens = self.tokenizer(texts).to(self.device)  # (N, context)
         text_features = self.model.encode_text(tokens, normalize=True).float()  # (N, E)

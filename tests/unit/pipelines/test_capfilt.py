@@ -15,7 +15,7 @@ from PIL import Image
 import capfilt_support as support
 from pipelines import capfilt
 from pipelines.capfilt import CapfiltConfig, main, run
-from pipelines.capfilt_models import KeyedNucleusSampler, Sampling, load_captioner, rank_candidates, row_uniforms
+from pipelines.capfilt_models import ClipRanker, KeyedNucleusSampler, Sampling, load_captioner, rank_candidates, row_uniforms
 from pipelines.config import ConfigError, load_config
 from pipelines.shapes.checker import check_caption
 from pipelines.shapes.scene import Scene
@@ -281,6 +281,19 @@ def test_captioner_kinds_generate_k_per_image(assets, kind):
     assert all(isinstance(t, str) and t for c in captions for t in c)
     assert len({t for c in captions for t in c}) > 4  # sampled, not one caption repeated
     assert captioner.generate(images[1:2], keys[1:2]) == captions[1:2]  # independent of the batch
+
+
+def test_ranker_in_fp16_scores_as_in_fp32(assets):
+    """open_clip's "fp16" (what a GPU gets) casts only the matmul weights; the image must go in as the patch
+    embedding's weights are, not as the model's first parameter (fp32): this failed on the GPU in session 20."""
+    samples = read_tar(assets["shards"] / "00000.tar")
+    images = [Image.open(io.BytesIO(s["jpg"])).convert("RGB") for s in list(samples.values())[:3]]
+    captions = [[s["txt"].decode(), "a red circle", "spam spam"] for s in list(samples.values())[:3]]
+    full = ClipRanker(f"local-dir:{assets['clip']}", None, "cpu")
+    half = ClipRanker(f"local-dir:{assets['clip']}", None, "cpu", precision="fp16")
+    assert (full.pixel_dtype, half.pixel_dtype) == (torch.float32, torch.float16)
+    a, b = torch.tensor(full.score(images, captions)), torch.tensor(half.score(images, captions))
+    assert a.shape == (3, 3) and torch.allclose(a, b, atol=5e-3)
 
 
 def test_oracle_precision_and_ranker_accuracy_by_hand():
