@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 SMALL = ["curated_images=40", "web_images=40", "test_images=10", "loader_batches=2", "loader_batch_size=8",
          "faults.slow=0", "faults.not_found=0.1", "faults.corrupt=0.05", "train_workers=0", "stage1_steps=4",
-         "stage2_steps=3", "train_batch_size=8", "foundation.held_out=8", "foundation.views=0",
+         "stage2_steps=3", "train_batch_size=8", "stage1_batch_size=null", "foundation.held_out=8", "foundation.views=0",
          "foundation.clip.steps=10", "foundation.clip.region_steps=5", "foundation.clip.batch=16",
          "foundation.captioner.steps=10", "foundation.captioner.batch=8", "foundation.captioner.samples=2",
          "foundation.opt.steps=5", "foundation.t5.steps=5", "capfilt.num_captions=3", "capfilt.max_new_tokens=12", "eval_k=16"]
