@@ -4,12 +4,14 @@
 
 For every image a captioner writes `num_captions` captions by nucleus sampling (top_p 0.9); a CLIP ranker
 scores them and the web caption (image-text cosine); the top `keep` (two) distinct captions are kept, and
-at every training step the loader samples one of them.
+at every training step the loader samples one of them. With `captioner_weight` > 0 (not in the paper) the
+captioner's own log-likelihood of each of its captions joins CLIP's score in the ranking.
 
 Output, per input shard `NAME.tar` (img2dataset layout, same keys, same order):
     NAME.tar       KEY.jpg (the input bytes), KEY.txt (the top kept caption), KEY.json (the input meta plus
-                   "capfilt": {"web_caption", "candidates": [{"text", "score", "source"}], "kept": [...]})
-    NAME.parquet   one row per candidate: key, caption, source ("web" | "synthetic"), index, score, rank,
+                   "capfilt": {"web_caption", "candidates": [{"text", "score", "source"(, "loglik")}], "kept": [...]})
+    NAME.parquet   one row per candidate: key, caption, source ("web" | "synthetic"), index, score (CLIP), loglik
+                   (the captioner's, with `captioner_weight`; else null), rank,
                    kept, correct (the shapes world's checker; null without a scene) -- every candidate and
                    score on disk, so a filter can be re-run without re-captioning
 and `capfilt_config.yaml`, `summary.json`, `capfilt_scores.png` (score histograms) and, last, `_SUCCESS.json`.
@@ -59,7 +61,7 @@ SUMMARY_FILE = "summary.json"
 HISTOGRAM_FILE = "capfilt_scores.png"
 # the config fields that decide what an output shard holds (executor, batch size, device do not)
 OUTPUT_FIELDS = ("captioner", "ranker", "ranker_weights", "prompt", "num_captions", "top_p", "max_new_tokens",
-                 "min_new_tokens", "keep", "seed")
+                 "min_new_tokens", "keep", "seed", "captioner_weight")
 CORRUPT = "truncated_or_unreadable_shard"
 
 
@@ -77,6 +79,10 @@ class CapfiltConfig(StepConfig):
     max_new_tokens: int = Field(30, ge=1)
     min_new_tokens: int = Field(5, ge=0)
     keep: int = Field(2, ge=1)
+    captioner_weight: float = Field(0.0, ge=0.0, description="0: CLIP's cosine alone ranks (the paper). > 0: add "
+                                    "this x the captioner's mean token log-likelihood of each synthetic caption (BLIP "
+                                    "captioners; the web caption gets its image's synthetic mean), so that among one "
+                                    "image's candidates the ones the captioner was sure of rank higher")
     batch_size: int = Field(32, ge=1)
     seed: int = Field(0, ge=0)
     executor: Literal["auto", "local", "ray"] = "auto"
@@ -151,12 +157,19 @@ def validate(cfg: CapfiltConfig, output_uri: str) -> list[str]:
     out = output_uri.rstrip("/")
     if any(u.rsplit("/", 1)[0].rstrip("/") == out for u in urls):
         raise ConfigError(f"output {output_uri}: is the folder of the input shards; choose another one")
-    _check_captioner(cfg.captioner)
+    _check_captioner(cfg.captioner, cfg.captioner_weight)
     _check_ranker(cfg.ranker, cfg.ranker_weights)
     return urls
 
 
-def _check_captioner(spec: str) -> None:
+def _check_captioner(spec: str, captioner_weight: float) -> None:
+    if captioner_weight > 0:
+        kind = "stage2" if spec.startswith(STAGE2_PREFIX) else None
+        if kind is None and os.path.isfile(os.path.join(os.path.expanduser(spec), "config.json")):
+            kind = json.loads(open(os.path.join(os.path.expanduser(spec), "config.json")).read()).get("model_type")
+        if kind in ("stage2", "blip-2"):
+            raise ConfigError(f"captioner_weight={captioner_weight}: needs the captioner's log-likelihoods, which "
+                              f"only BLIP captioners give; captioner={spec!r} is a {kind} one (set captioner_weight=0)")
     if spec.startswith(STAGE2_PREFIX):
         path = os.path.expanduser(spec[len(STAGE2_PREFIX):])
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -249,15 +262,17 @@ def count_images(url: str) -> int:
 
 
 # ------------------------------------------------------------------------------------ captioning
-def caption_and_score(captioner: Captioner, ranker: Ranker, samples: list[Sample]
-                      ) -> tuple[list[list[str]], list[list[float]], float, float]:
-    """(synthetic captions, scores of [web, *synthetic], captioner seconds, ranker seconds) for a batch."""
+def caption_and_score(captioner: Captioner, ranker: Ranker, samples: list[Sample], loglik: bool = False
+                      ) -> tuple[list[list[str]], list[list[float]], list[list[float]] | None, float, float]:
+    """(synthetic captions, scores of [web, *synthetic], the captioner's log-likelihoods of the synthetic ones
+    (with `loglik`, else None), captioner seconds, ranker seconds) for a batch."""
     images = [s.image() for s in samples]
     started = time.perf_counter()
     synthetic = captioner.generate(images, [s.key for s in samples])
+    logliks = captioner.log_likelihood(images, synthetic) if loglik else None
     captioned = time.perf_counter()
     scores = ranker.score(images, [[s.web_caption, *c] for s, c in zip(samples, synthetic)])
-    return synthetic, scores, captioned - started, time.perf_counter() - captioned
+    return synthetic, scores, logliks, captioned - started, time.perf_counter() - captioned
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -277,17 +292,19 @@ def sample_records(sample: Sample, candidates: list[Candidate]) -> tuple[dict[st
     """(output meta, parquet rows) of one image."""
     kept = kept_texts(candidates)
     capfilt = {"web_caption": sample.web_caption,
-               "candidates": [{"text": c.text, "score": c.score, "source": c.source} for c in candidates],
+               "candidates": [{"text": c.text, "score": c.score, "source": c.source,
+                               **({} if c.loglik is None else {"loglik": c.loglik})} for c in candidates],
                "kept": kept}
     correct = _correctness(sample.meta)
     rows = [{"key": sample.key, "caption": c.text, "source": c.source, "index": c.index, "score": c.score,
-             "rank": c.rank, "kept": c.kept, "correct": None if correct is None else bool(correct(c.text))}
+             "loglik": c.loglik, "rank": c.rank, "kept": c.kept, "correct": None if correct is None else bool(correct(c.text))}
             for c in candidates]
     return {**sample.meta, "capfilt": capfilt}, rows
 
 
 SCORE_SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()), ("source", pa.string()),
-                          ("index", pa.int32()), ("score", pa.float64()), ("rank", pa.int32()),
+                          ("index", pa.int32()), ("score", pa.float64()), ("loglik", pa.float64()),
+                          ("rank", pa.int32()),
                           ("kept", pa.bool_()), ("correct", pa.bool_())])
 
 
@@ -362,10 +379,13 @@ class ShardReport:
 
 
 def finish_shard(cfg: CapfiltConfig, models: str, output_uri: str, shard: ShardInput, input_sha: str,
-                 synthetic: list[list[str]], scores: list[list[float]], seconds: tuple[float, float]) -> ShardReport:
-    """Rank, write, report one shard whose captions and scores are done (`models`: `models_version`, taken once by
-    the driver)."""
-    ranked = [rank_candidates(s.web_caption, c, sc, cfg.keep) for s, c, sc in zip(shard.samples, synthetic, scores)]
+                 synthetic: list[list[str]], scores: list[list[float]], logliks: list[list[float]] | None,
+                 seconds: tuple[float, float]) -> ShardReport:
+    """Rank, write, report one shard whose captions and scores (and log-likelihoods, with `captioner_weight`) are
+    done (`models`: `models_version`, taken once by the driver)."""
+    logliks = logliks or [None] * len(synthetic)
+    ranked = [rank_candidates(s.web_caption, c, sc, cfg.keep, ll, cfg.captioner_weight)
+              for s, c, sc, ll in zip(shard.samples, synthetic, scores, logliks)]
     write_shard(output_uri, shard.name, shard.samples, ranked, shard_provenance(cfg, models, input_sha, shard.skipped))
     return ShardReport(shard.name, len(shard.samples), sum(len(c) for c in synthetic), seconds[0], seconds[1],
                        dict(shard.skipped.counts))
@@ -397,17 +417,19 @@ def run_local(cfg: CapfiltConfig, models: str, output_uri: str, pending: dict[st
             if shard.error:
                 reports.append(corrupt_report(output_uri, shard))
                 continue
-            synthetic, scores, seconds = [], [], [0.0, 0.0]
+            synthetic, scores, logliks, seconds = [], [], [], [0.0, 0.0]
             for start in range(0, len(shard.samples), cfg.batch_size):
                 batch = shard.samples[start:start + cfg.batch_size]
-                captions, batch_scores, t_caption, t_rank = caption_and_score(captioner, ranker, batch)
+                captions, batch_scores, batch_logliks, t_caption, t_rank = caption_and_score(
+                    captioner, ranker, batch, loglik=cfg.captioner_weight > 0)
                 synthetic += captions
                 scores += batch_scores
+                logliks += batch_logliks or []
                 seconds[0] += t_caption
                 seconds[1] += t_rank
                 bar.update(len(batch))
             reports.append(finish_shard(cfg, models, output_uri, shard, input_sha, synthetic, scores,
-                                        tuple(seconds)))
+                                        logliks or None, tuple(seconds)))
             log.info("capfilt: wrote %s (%d images)", shard.name, len(shard.samples))
     return reports
 
@@ -441,7 +463,7 @@ def _write_group(batch: dict[str, Any], cfg_json: str, models: str, output_uri: 
     seconds = (float(sum(batch["caption_seconds"])), float(sum(batch["rank_seconds"])))
     report = finish_shard(CapfiltConfig.model_validate_json(cfg_json), models, output_uri, shard, scan["sha"],
                           [json.loads(c) for c in batch["synthetic"]], [json.loads(s) for s in batch["scores"]],
-                          seconds)
+                          [json.loads(v) for v in batch["loglik"]] if "loglik" in batch else None, seconds)
     return {"report": [json.dumps(report.__dict__)]}
 
 
@@ -505,7 +527,7 @@ def _caption_rank_write(cfg: CapfiltConfig, models: str, output_uri: str, todo: 
     samples = ray.data.from_items([{"url": url} for url in todo], override_num_blocks=len(todo)).flat_map(
         _shard_rows, num_cpus=cfg.ray_actor_cpus)
     captioned = samples.map_batches(CaptionActor, fn_constructor_kwargs=dict(
-        spec=cfg.captioner, sampling=cfg.sampling(), **common), **pool)
+        spec=cfg.captioner, sampling=cfg.sampling(), loglik=cfg.captioner_weight > 0, **common), **pool)
     ranked = captioned.map_batches(RankActor, fn_constructor_kwargs=dict(
         name=cfg.ranker, weights=cfg.ranker_weights, **common), **pool)
     written = ranked.groupby("shard", num_partitions=len(todo)).map_groups(

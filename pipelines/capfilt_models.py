@@ -53,6 +53,9 @@ class Sampling:
 
 
 class Captioner(Protocol):
+    """BLIP (transformers) captioners also have `log_likelihood(images, captions_per_image)`: CapFilt's
+    `captioner_weight` needs it."""
+
     def generate(self, images: list[Image.Image], keys: list[str]) -> list[list[str]]:
         """`num_captions` synthetic captions per image (image order)."""
 
@@ -182,6 +185,31 @@ class HFBlipCaptioner:
                                   **sampling_options(s, sampler))  # (B*k, prompt + T); BLIP sets eos and pad
         texts = self.processor.batch_decode(ids[:, prompt_len:], skip_special_tokens=True)
         return _group(texts, s.num_captions)
+
+    @torch.no_grad()
+    def log_likelihood(self, images: list[Image.Image], captions_per_image: list[list[str]]) -> list[list[float]]:
+        """The decoder's mean log-probability per token of each caption (its words and [SEP]) after [DEC]
+        (+ prompt), teacher-forced on its image: how sure the captioner is of what it wrote."""
+        texts = [f"{self.prompt} {c}" if self.prompt else c for cs in captions_per_image for c in cs]
+        owner = torch.tensor([i for i, cs in enumerate(captions_per_image) for _ in cs], device=self.device)
+        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
+        image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, T, C)
+        batch = self.processor.tokenizer(texts, padding="longest", return_tensors="pt").to(self.device)
+        input_ids = batch["input_ids"].clone()  # (N, L): [CLS] (+ prompt) caption [SEP] padding
+        input_ids[:, 0] = self.model.config.text_config.bos_token_id
+        logits = self.model.text_decoder(input_ids=input_ids, attention_mask=batch["attention_mask"],
+                                         encoder_hidden_states=image_embeds[owner], return_dict=True).logits
+        token_logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        scored = batch["attention_mask"][:, 1:].bool()  # (N, L-1): position t predicts token t+1
+        prompt_tokens = len(self.processor.tokenizer(self.prompt)["input_ids"]) - 2 if self.prompt else 0
+        scored[:, :prompt_tokens] = False  # the prompt is given, not written
+        mean = (token_logp * scored).sum(-1) / scored.sum(-1).clamp(min=1)  # (N,)
+        values, start = mean.tolist(), 0
+        grouped = []
+        for captions in captions_per_image:
+            grouped.append(values[start:start + len(captions)])
+            start += len(captions)
+        return grouped
 
 
 class HFBlip2Captioner:
@@ -321,26 +349,38 @@ class ClipRanker:
 # ------------------------------------------------------------------------------------------ filter
 @dataclass
 class Candidate:
-    """One caption of an image with its CLIP score."""
+    """One caption of an image with its CLIP score (and the captioner's log-likelihood of it, when used)."""
 
     text: str
     source: str  # "web" | "synthetic"
     index: int  # 0: the web caption, 1..k: the synthetic ones in generation order
-    score: float
+    score: float  # CLIP's image-text cosine
+    loglik: float | None = None  # the captioner's mean token log-probability (synthetic captions only)
+    rank_score: float = 0.0  # what the ranking sorts: score + captioner_weight * loglik
     rank: int = -1  # 0 = best
     kept: bool = False
 
 
-def rank_candidates(web_caption: str, synthetic: list[str], scores: list[float], keep: int) -> list[Candidate]:
-    """Rank by score (ties: the web caption, then generation order); keep the top `keep` distinct,
-    non-empty texts. Returned in index order."""
+def rank_candidates(web_caption: str, synthetic: list[str], scores: list[float], keep: int,
+                    logliks: list[float] | None = None, captioner_weight: float = 0.0) -> list[Candidate]:
+    """Rank by CLIP score, plus `captioner_weight` x the captioner's log-likelihood of each synthetic caption
+    (`logliks`; the web caption, which no captioner wrote, gets the mean of its image's synthetic ones, so the
+    term reorders the synthetic captions around it); ties: the web caption, then generation order. Keep the
+    top `keep` distinct, non-empty texts. Returned in index order."""
     texts = [web_caption, *synthetic]
     if len(scores) != len(texts):
         raise ValueError(f"rank_candidates: {len(scores)} scores for {len(texts)} captions")
-    candidates = [Candidate(text, "web" if i == 0 else "synthetic", i, float(score))
+    if logliks is not None and len(logliks) != len(synthetic):
+        raise ValueError(f"rank_candidates: {len(logliks)} log-likelihoods for {len(synthetic)} synthetic captions")
+    if captioner_weight and logliks is None:
+        raise ValueError("rank_candidates: captioner_weight needs the captioner's log-likelihoods")
+    own = [float(np.mean(logliks)) if logliks else None, *(logliks or [None] * len(synthetic))]
+    candidates = [Candidate(text, "web" if i == 0 else "synthetic", i, float(score),
+                            loglik=None if i == 0 or own[i] is None else float(own[i]),
+                            rank_score=float(score) + (captioner_weight * own[i] if captioner_weight else 0.0))
                   for i, (text, score) in enumerate(zip(texts, scores))]
     seen: set[str] = set()
-    for rank, cand in enumerate(sorted(candidates, key=lambda c: (-c.score, c.index))):
+    for rank, cand in enumerate(sorted(candidates, key=lambda c: (-c.rank_score, c.index))):
         cand.rank = rank
         norm = " ".join(cand.text.lower().split())
         if norm and norm not in seen and len(seen) < keep:
@@ -363,14 +403,19 @@ class CaptionActor:
     """Ray Data actor over sample rows (columns image, key): adds `synthetic` (a JSON list of captions per row)
     and `caption_seconds` (the batch's captioner time shared over its rows)."""
 
-    def __init__(self, spec: str, sampling: Sampling, device: str, threads: int):
+    def __init__(self, spec: str, sampling: Sampling, device: str, threads: int, loglik: bool = False):
         torch.set_num_threads(threads)
         self.captioner = load_captioner(spec, sampling, device)
+        self.loglik = loglik  # also add `loglik` (a JSON list: the captioner's log-likelihood of each caption)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
-        synthetic = self.captioner.generate(_decode(batch["image"]), [str(k) for k in batch["key"]])
+        images = _decode(batch["image"])
+        synthetic = self.captioner.generate(images, [str(k) for k in batch["key"]])
         batch["synthetic"] = np.array([json.dumps(c) for c in synthetic], dtype=object)
+        if self.loglik:
+            batch["loglik"] = np.array([json.dumps(v) for v in self.captioner.log_likelihood(images, synthetic)],
+                                       dtype=object)
         batch["caption_seconds"] = np.full(len(synthetic), (time.perf_counter() - started) / len(synthetic))
         return batch
 

@@ -39,7 +39,7 @@ def test_ray_and_local_executors_agree(tmp_path, local_ray):
     support.truncate(shutil.copy(shards[0], shards[0].parent / "00009.tar"))  # a damaged copy
     base = dict(shards=str(shards[0].parent), captioner=str(support.tiny_blip(tmp_path / "blip")),
                 ranker=f"local-dir:{support.tiny_clip(tmp_path / 'clip')}", num_captions=3, max_new_tokens=12,
-                min_new_tokens=2, device="cpu", seed=7)
+                min_new_tokens=2, device="cpu", seed=7, captioner_weight=0.3)  # the Ray path's log-likelihoods
     local = run(CapfiltConfig(**base, executor="local", batch_size=8), str(tmp_path / "local"))
     distributed = run(CapfiltConfig(**base, executor="ray", batch_size=3, ray_actors=1, ray_actor_cpus=0.5),
                       str(tmp_path / "ray"))
@@ -55,6 +55,7 @@ def test_ray_and_local_executors_agree(tmp_path, local_ray):
         b = pq.read_table(tmp_path / "ray" / f"{name}.parquet").to_pylist()
         assert [(r["key"], r["caption"], r["kept"]) for r in a] == [(r["key"], r["caption"], r["kept"]) for r in b]
         assert max(abs(x["score"] - y["score"]) for x, y in zip(a, b)) < 1e-5
+        assert max(abs(x["loglik"] - y["loglik"]) for x, y in zip(a, b) if x["source"] == "synthetic") < 1e-5
     for field in ("web_precision", "synthetic_precision", "kept_precision", "web_kept_share"):
         assert getattr(distributed, field) == pytest.approx(getattr(local, field))
     assert distributed.captions_per_second > 0 and distributed.images_ranked_per_second > 0

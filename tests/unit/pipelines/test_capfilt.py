@@ -15,7 +15,8 @@ from PIL import Image
 import capfilt_support as support
 from pipelines import capfilt
 from pipelines.capfilt import CapfiltConfig, main, run
-from pipelines.capfilt_models import ClipRanker, KeyedNucleusSampler, Sampling, load_captioner, rank_candidates, row_uniforms
+from pipelines.capfilt_models import (ClipRanker, KeyedNucleusSampler, Sampling, load_captioner, rank_candidates,
+                                      row_uniforms)
 from pipelines.config import ConfigError, load_config
 from pipelines.shapes.checker import check_caption
 from pipelines.shapes.scene import Scene
@@ -223,7 +224,9 @@ def test_validation_errors_name_the_field(assets, monkeypatch, tmp_path):
              "captioner='stage2:": dict(captioner=f"stage2:{tmp_path / 'no-ckpt'}"),
              "ranker": dict(ranker=f"local-dir:{tmp_path / 'no-clip'}"),
              "ranker='ViT-Nope'": dict(ranker="ViT-Nope"),
-             "ranker_weights": dict(ranker="ViT-B-32", ranker_weights=str(tmp_path / "none.pt"))}
+             "ranker_weights": dict(ranker="ViT-B-32", ranker_weights=str(tmp_path / "none.pt")),
+             "captioner_weight=0.5: needs the captioner's log-likelihoods": dict(
+                 captioner=str(support.tiny_blip2(tmp_path / "blip2")), captioner_weight=0.5)}
     for field, fields in cases.items():
         with pytest.raises(ConfigError, match=field):
             run(config(assets, **fields), str(tmp_path / "out"))
@@ -250,6 +253,71 @@ def test_rank_candidates_ties_duplicates_and_empty():
         ("x", 3, True), ("a", 1, True), ("A ", 2, False), ("b", 4, False), ("", 0, False)]
     only_web = rank_candidates("web", ["web", "web"], [0.1, 0.3, 0.2], keep=2)
     assert [c.kept for c in only_web] == [False, True, False]  # one distinct text: one kept
+
+
+def test_rank_candidates_with_the_captioners_log_likelihood():
+    scores, logliks = [0.50, 0.60, 0.55, 0.40], [-2.0, -0.5, -1.1]  # web, then three synthetic captions
+    clip_only = rank_candidates("w", ["a", "b", "c"], scores, keep=2)
+    assert [c.text for c in clip_only if c.kept] == ["a", "b"]
+    assert all(c.loglik is None and c.rank_score == c.score for c in clip_only)
+    mixed = rank_candidates("w", ["a", "b", "c"], scores, keep=2, logliks=logliks, captioner_weight=0.1)
+    # rank scores: w 0.50 + 0.1 * mean(-1.2) = 0.38, a 0.40, b 0.50, c 0.29
+    assert [round(c.rank_score, 6) for c in mixed] == [0.38, 0.4, 0.5, 0.29]
+    assert [(c.text, c.rank, c.kept) for c in mixed] == [("w", 2, False), ("a", 1, True), ("b", 0, True),
+                                                          ("c", 3, False)]
+    assert [c.loglik for c in mixed] == [None, -2.0, -0.5, -1.1] and mixed[1].score == 0.60  # CLIP's score kept
+    recorded = rank_candidates("w", ["a", "b", "c"], scores, keep=2, logliks=logliks)  # weight 0: CLIP ranks
+    assert [c.kept for c in recorded] == [c.kept for c in clip_only] and recorded[1].loglik == -2.0
+    with pytest.raises(ValueError, match="2 log-likelihoods for 3"):
+        rank_candidates("w", ["a", "b", "c"], scores, keep=2, logliks=logliks[:2], captioner_weight=0.1)
+    with pytest.raises(ValueError, match="needs the captioner's log-likelihoods"):
+        rank_candidates("w", ["a", "b", "c"], scores, keep=2, captioner_weight=0.1)
+
+
+@pytest.mark.parametrize("prompt", [None, "a picture of"])
+def test_captioner_log_likelihood_matches_step_by_step_decoding(assets, prompt):
+    """The batched, teacher-forced mean log-probability of each caption's tokens (and [SEP]), the prompt left
+    out, equals decoding the same tokens one step at a time, and does not depend on the other captions."""
+    samples = read_tar(assets["shards"] / "00000.tar")
+    images = [Image.open(io.BytesIO(s["jpg"])).convert("RGB") for s in list(samples.values())[:2]]
+    captioner = load_captioner(str(assets["blip"]), Sampling(num_captions=2, prompt=prompt), "cpu")
+    captions = [["a red circle", "two big blue squares on the left"], ["a star", "a green cross"]]
+    batched = captioner.log_likelihood(images, captions)
+    assert [len(v) for v in batched] == [2, 2] and all(v < 0 for row in batched for v in row)
+    assert captioner.log_likelihood(images[1:], [captions[1][1:]])[0][0] == pytest.approx(batched[1][1], abs=1e-5)
+
+    model, tokenizer = captioner.model, captioner.processor.tokenizer
+    pixels = captioner.processor(images=images[:1], return_tensors="pt")["pixel_values"]
+    image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state
+    prompt_ids = tokenizer(prompt)["input_ids"][1:-1] if prompt else []
+    for caption, expected in zip(captions[0], batched[0]):
+        target = tokenizer(caption)["input_ids"][1:]  # the caption's tokens and [SEP]
+        ids = [model.config.text_config.bos_token_id, *prompt_ids]
+        total = 0.0
+        with torch.no_grad():
+            for token in target:
+                logits = model.text_decoder(input_ids=torch.tensor([ids]), encoder_hidden_states=image_embeds,
+                                            return_dict=True).logits[0, -1]
+                total += float(torch.log_softmax(logits, -1)[token])
+                ids.append(token)
+        assert total / len(target) == pytest.approx(expected, abs=1e-4)
+
+
+def test_captioner_weight_ranks_with_the_log_likelihood_end_to_end(assets, first_run):
+    out = assets["root"] / "out-weighted"
+    result = run(config(assets, captioner_weight=0.2), str(out))
+    assert result.images == 16 and result.config_hash != first_run[0].config_hash
+    for shard in ("00000", "00001"):
+        rows = pq.read_table(out / f"{shard}.parquet").to_pylist()
+        metas = {k: json.loads(p["json"])["capfilt"] for k, p in read_tar(out / f"{shard}.tar").items()}
+        for key, cf in metas.items():
+            mine = [r for r in rows if r["key"] == key]
+            assert mine[0]["loglik"] is None and all(r["loglik"] < 0 for r in mine[1:])
+            assert [c.get("loglik") for c in cf["candidates"]] == [r["loglik"] for r in mine]
+            again = rank_candidates(mine[0]["caption"], [r["caption"] for r in mine[1:]],
+                                    [r["score"] for r in mine], 2, [r["loglik"] for r in mine[1:]], 0.2)
+            assert [c.kept for c in again] == [r["kept"] for r in mine]
+            assert [c.rank for c in again] == [r["rank"] for r in mine]
 
 
 def test_keyed_nucleus_sampler_draws_from_the_nucleus():
