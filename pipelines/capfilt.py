@@ -511,7 +511,7 @@ def _reports_before_captioning(cfg: CapfiltConfig, models: str, output_uri: str,
         if shard.error:
             reports.append(corrupt_report(output_uri, shard))
         elif scan["samples"] == 0:
-            reports.append(finish_shard(cfg, models, output_uri, shard, scan["sha"], [], [], (0.0, 0.0)))
+            reports.append(finish_shard(cfg, models, output_uri, shard, scan["sha"], [], [], None, (0.0, 0.0)))
         else:
             todo[scan["url"]] = scan
     return reports, todo

@@ -1,5 +1,6 @@
 """CapFilt's Ray Data executor against the in-process one: same input, same seed -> the same kept captions
 (and scores within 1e-5), the same corrupt shard reported. Local Ray on loopback, shut down at the end."""
+import io
 import json
 import shutil
 import tarfile
@@ -37,6 +38,10 @@ def test_ray_and_local_executors_agree(tmp_path, local_ray):
 
     shards = support.web_shards(tmp_path / "web", images=20, per_shard=8)  # 8 + 8 + 4 images
     support.truncate(shutil.copy(shards[0], shards[0].parent / "00009.tar"))  # a damaged copy
+    with tarfile.open(shards[0].parent / "00008.tar", "w") as tar:  # a sound tar without one usable sample
+        info = tarfile.TarInfo("00000099.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"a cat"))
     base = dict(shards=str(shards[0].parent), captioner=str(support.tiny_blip(tmp_path / "blip")),
                 ranker=f"local-dir:{support.tiny_clip(tmp_path / 'clip')}", num_captions=3, max_new_tokens=12,
                 min_new_tokens=2, device="cpu", seed=7, captioner_weight=0.3)  # the Ray path's log-likelihoods
@@ -47,8 +52,11 @@ def test_ray_and_local_executors_agree(tmp_path, local_ray):
 
     assert (local.executor, distributed.executor) == ("local", "ray")
     for result in (local, distributed):
-        assert (result.images, result.shards_written, result.candidates) == (20, 3, 60)
+        assert (result.images, result.shards_written, result.candidates) == (20, 4, 60)
         assert [c["shard"] for c in result.corrupt_shards] == ["00009"]
+    assert distributed.skipped == local.skipped and sum(local.skipped.values()) > 1  # the lone caption, the damage
+    for out in (tmp_path / "local", tmp_path / "ray"):  # the empty shard written empty by both
+        assert pq.read_table(out / "00008.parquet").num_rows == 0 and not tarfile.open(out / "00008.tar").getmembers()
     assert kept_by_key(tmp_path / "ray") == kept_by_key(tmp_path / "local")
     for name in ("00000", "00001", "00002"):
         a = pq.read_table(tmp_path / "local" / f"{name}.parquet").to_pylist()
