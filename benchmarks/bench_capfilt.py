@@ -48,14 +48,19 @@ def models(workdir: Path, given: str | None) -> tuple[str, str, str]:
             "random-init BLIP (64 px, width 64, 3+2 layers) + open_clip CLIP (64 px, width 64, 3 layers)")
 
 
-def kept(out: Path) -> dict[str, list[str]]:
+def capfilt_records(out: Path) -> dict[str, dict]:
+    """key -> the sample's "capfilt" record (candidates with scores, kept) in the output shards of `out`."""
     found = {}
     for path in sorted(out.glob("*.tar")):
         with tarfile.open(path) as tar:
             for member in tar.getmembers():
                 if member.name.endswith(".json"):
-                    found[member.name[:-5]] = json.loads(tar.extractfile(member).read())["capfilt"]["kept"]
+                    found[member.name[:-5]] = json.loads(tar.extractfile(member).read())["capfilt"]
     return found
+
+
+def kept(out: Path) -> dict[str, list[str]]:
+    return {key: record["kept"] for key, record in capfilt_records(out).items()}
 
 
 def timed_run(cfg: CapfiltConfig, out: Path):

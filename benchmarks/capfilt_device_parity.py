@@ -16,10 +16,8 @@ The ratio is GPU wall / CPU wall of the local executor.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -32,19 +30,8 @@ for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_name, "1")
 
 import capfilt_support as support  # noqa: E402
-from bench_capfilt import models  # noqa: E402
+from bench_capfilt import capfilt_records as samples, models  # noqa: E402
 from pipelines.capfilt import CapfiltConfig, run  # noqa: E402
-
-
-def samples(out: Path) -> dict[str, dict]:
-    """key -> the sample's capfilt record (candidates with scores, kept)."""
-    found = {}
-    for path in sorted(out.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".json"):
-                    found[member.name[:-5]] = json.loads(tar.extractfile(member).read())["capfilt"]
-    return found
 
 
 def agreement(a: dict[str, dict], b: dict[str, dict]) -> dict:

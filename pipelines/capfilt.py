@@ -164,9 +164,11 @@ def validate(cfg: CapfiltConfig, output_uri: str) -> list[str]:
 
 def _check_captioner(spec: str, captioner_weight: float) -> None:
     if captioner_weight > 0:
+        config = os.path.join(os.path.expanduser(spec), "config.json")
         kind = "stage2" if spec.startswith(STAGE2_PREFIX) else None
-        if kind is None and os.path.isfile(os.path.join(os.path.expanduser(spec), "config.json")):
-            kind = json.loads(open(os.path.join(os.path.expanduser(spec), "config.json")).read()).get("model_type")
+        if kind is None and os.path.isfile(config):
+            with open(config) as handle:
+                kind = json.load(handle).get("model_type")
         if kind in ("stage2", "blip-2"):
             raise ConfigError(f"captioner_weight={captioner_weight}: needs the captioner's log-likelihoods, which "
                               f"only BLIP captioners give; captioner={spec!r} is a {kind} one (set captioner_weight=0)")
