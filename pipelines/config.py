@@ -8,10 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, ClassVar, Sequence, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 C = TypeVar("C", bound="StepConfig")
 
@@ -22,6 +22,24 @@ class ConfigError(ValueError):
 
 class StepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    merged_sections: ClassVar[tuple[str, ...]] = ()
+    """Fields whose default is a customised section (a model built with other values than its class's own, or a
+    dict): a partial value given for one (a YAML section, `faults.slow=0`) is merged onto that default rather than
+    replacing it, so the section's other defaults are kept."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_onto_section_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls.merged_sections:
+            return data
+        merged = dict(data)
+        for name in cls.merged_sections:
+            if isinstance(merged.get(name), dict):
+                default = cls.model_fields[name].get_default(call_default_factory=True)
+                base = default.model_dump() if isinstance(default, BaseModel) else dict(default)
+                merged[name] = deep_merge(base, merged[name])
+        return merged
 
     def config_hash(self) -> str:
         """Stable short hash of the resolved config (identifies a step's output)."""

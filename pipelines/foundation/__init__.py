@@ -19,8 +19,8 @@ batches, the training loop), one file per model, `step.py` (run, the overrides, 
     python -m pipelines.foundation --curated SHARDS --output DIR [clip.steps=600 ...]
 """
 from pipelines.foundation.config import (MODELS, CaptionerConfig, ClipConfig, FoundationConfig, FoundationResult,
-                                         LanguageModelConfig)
+                                         LanguageModelConfig, OptConfig, T5Config)
 from pipelines.foundation.step import llm_config, main, run, vision_config
 
 __all__ = ["MODELS", "CaptionerConfig", "ClipConfig", "FoundationConfig", "FoundationResult", "LanguageModelConfig",
-           "llm_config", "main", "run", "vision_config"]
+           "OptConfig", "T5Config", "llm_config", "main", "run", "vision_config"]

@@ -49,3 +49,27 @@ def test_bad_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(Demo, bad)
+
+
+class Faults(StepConfig):
+    rate: float = 0.0
+    seconds: float = 15.0
+
+
+class Profile(StepConfig):
+    merged_sections = ("faults", "sizes")
+    faults: Faults = Faults(rate=0.3, seconds=6.0)
+    sizes: dict[str, int] = Field(default_factory=lambda: {"a": 1, "b": 2})
+    other: Faults = Faults(rate=0.3, seconds=6.0)
+
+
+def test_a_partial_merged_section_keeps_the_fields_default(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("faults:\n  rate: 0.5\n")
+    cfg = load_config(Profile, path, ["sizes.b=5"])
+    assert cfg.faults == Faults(rate=0.5, seconds=6.0)  # not the class's 15.0
+    assert cfg.sizes == {"a": 1, "b": 5}
+    assert load_config(Profile, None, ["other.rate=0.5"]).other == Faults(rate=0.5, seconds=15.0)  # not listed
+    assert Profile(faults=Faults(rate=0.1)).faults.seconds == 15.0  # a whole section given as a model is kept
+    with pytest.raises(ConfigError, match="faults.nope"):
+        load_config(Profile, None, ["faults.nope=1"])

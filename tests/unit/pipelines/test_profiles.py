@@ -2,9 +2,9 @@
 import pytest
 
 from pipelines import pipeline
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, load_config
 from pipelines.pipeline import STAND_IN, PipelineConfig
-from pipelines.profiles import PROFILES, build_profile
+from pipelines.profiles import PROFILES, DemoConfig, build_profile
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -69,3 +69,9 @@ def test_a_stand_in_without_the_foundation_step_is_refused(tmp_path):
 def test_flat_numbers_keeps_numeric_leaves_only():
     tree = {"a": {"b": 1, "c": "x", "d": True, "e": {"f": 2.5}}, "g": [1, 2], "h": 3}
     assert pipeline.flat_numbers(tree) == {"a.b": 1.0, "a.e.f": 2.5, "h": 3.0}
+
+
+def test_a_demo_knob_section_override_keeps_the_demos_other_values():
+    knobs = load_config(DemoConfig, None, ["faults.slow=0", "qformer.num_query_tokens=16"])
+    assert knobs.faults.slow == 0 and knobs.faults.rate_limited == DemoConfig().faults.rate_limited > 0
+    assert knobs.qformer == {**DemoConfig().qformer, "num_query_tokens": 16}
