@@ -91,8 +91,7 @@ class DemoConfig(StepConfig):
 # The `tiny` profile: every step at its smallest (about 2-3 minutes here).
 TINY = {"curated_images": 40, "web_images": 40, "test_images": 10, "loader_batches": 2, "loader_batch_size": 8,
         "faults": {"slow": 0, "not_found": 0.1, "corrupt": 0.05, "rate_limited": 0}, "train_workers": 0,
-        "stage1_steps": 4,
-        "stage2_steps": 3, "train_batch_size": 8, "stage1_batch_size": None,
+        "stage1_steps": 4, "stage2_steps": 3, "train_batch_size": 8, "stage1_batch_size": None,
         "foundation": {"held_out": 8, "views": 0, "clip": {"steps": 10, "region_steps": 5, "batch": 16},
                        "captioner": {"steps": 10, "batch": 8, "samples": 2}, "opt": {"steps": 5}, "t5": {"steps": 5}},
         "capfilt": {"num_captions": 3, "max_new_tokens": 12}, "eval_k": 16, "experiment": "blip2-tiny"}

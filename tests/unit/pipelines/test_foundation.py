@@ -356,8 +356,8 @@ def test_load_curated_reads_scenes_and_texts(curated):
 
 def test_overriding_one_language_model_field_keeps_the_stand_ins_other_defaults():
     cfg = foundation.FoundationConfig(curated="x", opt={"layers": 4}, t5={"layers": 3})
-    opt, t5 = foundation.OptConfig(), foundation.T5Config()
-    assert (opt.steps, opt.batch, opt.context_share) != (foundation.LanguageModelConfig().steps, 64, 0.5)
+    opt, t5, base = foundation.OptConfig(), foundation.T5Config(), foundation.LanguageModelConfig()
+    assert (opt.steps, opt.batch, opt.context_share) != (base.steps, base.batch, base.context_share)
     assert cfg.opt == opt.model_copy(update={"layers": 4}) and cfg.t5 == t5.model_copy(update={"layers": 3})
     assert foundation.FoundationConfig(curated="x").config_hash() == foundation.FoundationConfig(
         curated="x", opt={"steps": opt.steps}).config_hash()
