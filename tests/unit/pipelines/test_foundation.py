@@ -171,8 +171,10 @@ def test_captioner_at_a_larger_image_size_than_the_clip(trained, curated, tmp_pa
         foundation.FoundationConfig(curated="x", captioner={"image_size": 100})
 
 
-@pytest.mark.parametrize("vit_lr", [0.0, 2e-3])
-def test_captioner_vit_is_frozen_at_vit_lr_zero_and_learns_otherwise(trained, curated, vit_lr):
+@pytest.mark.parametrize("vit_lr,frozen_blocks", [(0.0, 0), (2e-3, 0), (2e-3, 2)])
+def test_captioner_vit_is_frozen_at_vit_lr_zero_and_learns_otherwise(trained, curated, vit_lr, frozen_blocks):
+    """At `vit_lr` 0 no ViT weight moves; otherwise the blocks above `vit_frozen_blocks` (and the final layer
+    norm) learn while the patch embedding and the blocks below stay as the CLIP's."""
     from pipelines.foundation.captioner import build_captioner, captioner_processor, train_captioner
 
     cfg, result = trained
@@ -182,13 +184,37 @@ def test_captioner_vit_is_frozen_at_vit_lr_zero_and_learns_otherwise(trained, cu
     load_clip_vision(model.vision_model, result.clip_dir)
     before = {k: v.clone() for k, v in model.vision_model.state_dict().items()}
     decoder_before = model.text_decoder.bert.embeddings.word_embeddings.weight.clone()
-    captioner_cfg = cfg.captioner.model_copy(update={"steps": 3, "vit_lr": vit_lr})
+    captioner_cfg = cfg.captioner.model_copy(update={"steps": 3, "vit_lr": vit_lr, "vit_frozen_blocks": frozen_blocks})
     losses = train_captioner(model, processor, [s.image for s in samples], [s.scene for s in samples],
                              captioner_cfg, 0, progress=False)
     assert len(losses) == 3
     moved = [k for k, v in model.vision_model.state_dict().items() if not torch.equal(v, before[k])]
-    assert (moved == []) if vit_lr == 0 else len(moved) > 10
+    if vit_lr == 0:
+        assert moved == []
+    elif frozen_blocks == 0:
+        assert len(moved) > 10 and "embeddings.patch_embedding.weight" in moved
+    else:
+        assert moved and all(k.startswith(("encoder.layers.2.", "post_layernorm.")) for k in moved), moved
     assert not torch.equal(model.text_decoder.bert.embeddings.word_embeddings.weight, decoder_before)
+
+
+def test_fused_vit_attention_computes_what_blip_attention_does(trained):
+    """`fuse_vision_attention` swaps BLIP's written-out ViT attention for torch's fused one: same tokens, same
+    gradients, and the model still saves and reloads as a plain transformers BLIP."""
+    from pipelines.foundation.captioner import FusedBlipAttention, fuse_vision_attention
+
+    _, result = trained
+    plain = BlipForConditionalGeneration.from_pretrained(result.captioner_dir).eval()
+    fused = fuse_vision_attention(BlipForConditionalGeneration.from_pretrained(result.captioner_dir).eval())
+    assert all(type(layer.self_attn) is FusedBlipAttention for layer in fused.vision_model.encoder.layers)
+    images = torch.randn(3, 3, 64, 64)
+    outputs = [model.vision_model(pixel_values=images).last_hidden_state for model in (plain, fused)]
+    assert not torch.equal(outputs[0], torch.zeros_like(outputs[0]))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+    for out in outputs:
+        out.square().sum().backward()
+    grads = [model.vision_model.encoder.layers[0].self_attn.qkv.weight.grad for model in (plain, fused)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])
