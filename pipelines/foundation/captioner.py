@@ -175,7 +175,7 @@ def train_captioner(model: BlipForConditionalGeneration, processor: BlipProcesso
     pixels = preprocess(processor, images)  # (N, 3, H, W)
     vision = fuse_vision_attention(model).vision_model
     blocks = len(vision.encoder.layers)
-    frozen = blocks if cfg.vit_lr == 0 else min(cfg.vit_frozen_blocks, blocks)
+    frozen = blocks if cfg.vit_lr == 0 else cfg.vit_frozen_blocks
     groups = [{"params": list(model.text_decoder.parameters()), "lr": cfg.lr}]
     vision.requires_grad_(False)
     if frozen == 0:

@@ -191,6 +191,9 @@ class FoundationConfig(StepConfig):
         if self.captioner_image_size % self.clip.patch_size:
             raise ValueError(f"clip.patch_size={self.clip.patch_size} must divide captioner.image_size "
                              f"{self.captioner_image_size}")
+        if self.captioner.vit_frozen_blocks > self.clip.layers:
+            raise ValueError(f"captioner.vit_frozen_blocks={self.captioner.vit_frozen_blocks}: the ViT has "
+                             f"clip.layers={self.clip.layers} blocks")
         if "captioner" in self.models and "clip" not in self.models:
             raise ValueError(f"models={self.models}: the captioner's ViT is the CLIP's, so 'clip' must be trained too")
         return self

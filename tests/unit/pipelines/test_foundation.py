@@ -169,6 +169,8 @@ def test_captioner_at_a_larger_image_size_than_the_clip(trained, curated, tmp_pa
     assert clip.visual.positional_embedding.shape[0] == 1 + 8 * 8  # the CLIP keeps its own size
     with pytest.raises(ValueError, match="captioner.image_size 100"):
         foundation.FoundationConfig(curated="x", captioner={"image_size": 100})
+    with pytest.raises(ValueError, match="vit_frozen_blocks=4: the ViT has clip.layers=3"):
+        foundation.FoundationConfig(curated="x", captioner={"vit_frozen_blocks": 4})
 
 
 @pytest.mark.parametrize("vit_lr,frozen_blocks", [(0.0, 0), (2e-3, 0), (2e-3, 2)])
