@@ -67,12 +67,12 @@ class DemoConfig(StepConfig):
                                     "layers: with it only in the first, the text and the second layer read the image "
                                     "through one attention, and stage 2 named 8% of the test objects (VQA 26%); with "
                                     "both, 20% (VQA 37%), for ~20% more stage-1 time (one seed each at the old stage-1 "
-                                    "lr 6e-3, where seeds spread VQA over 22-37%). No dropout (stage 2 keeps stage 1's): "
-                                    "on a CPU, dropout forces the written-out attention; without it stage 1 takes ~15% less "
-                                    "time (241 / 268 s against 285 / 329 s at seeds 0 / 1), the same quality within "
-                                    "the seeds' spread: R@1 85.9 / 74.9 against 68.7 / 71.8 (seed 0) and 63.8 / 61.1 "
-                                    "against 74.1 / 69.8 (seed 1); VQA 40.6 / 43.3% against 43.5 / 43.9%; objects "
-                                    "named 39.1 / 34.2% against 30.1 / 31.1% (session 22)")
+                                    "lr 6e-3, where seeds spread VQA over 22-37%). No dropout (stage 2 keeps stage "
+                                    "1's): on a CPU, dropout forces the written-out attention; without it stage 1 "
+                                    "takes ~15% less time (241 / 268 s against 285 / 329 s at seeds 0 / 1), the same "
+                                    "quality within the seeds' spread: R@1 85.9 / 74.9 against 68.7 / 71.8 (seed 0) "
+                                    "and 63.8 / 61.1 against 74.1 / 69.8 (seed 1); VQA 40.6 / 43.3% against 43.5 / "
+                                    "43.9%; objects named 39.1 / 34.2% against 30.1 / 31.1% (session 22)")
     web_weight: float = Field(0.3, gt=0, description="sampling ratio of the web split against the curated one")
     train_transform: bool = Field(False, description="random crops + flips (crops cut objects out of captions)")
     train_cache_mb: float = Field(512, ge=0, description="the training loader's memory cache (MiB per reader): the "
