@@ -29,7 +29,9 @@ first step's FLOP count, the final checkpoint, model registration, shutdown). Th
 per phase, from `run` call to the build of the model, to step 1, to step N, to `run`'s return. The
 plain process pays once, at its first report, a lazy import of `ray.train` (about 1 s) that is no part
 of a training step; it is paid before the baseline runs (the Ray workers paid theirs at start-up).
-The end-to-end wall-time ratio is reported too.
+The end-to-end wall-time ratio is reported too. Each run also records the cores every process on the machine used
+in that window (`cpu_in_window`, from /proc): with `--threads 2` the step's OpenMP threads fill both cores in
+lockstep, so the CPU Ray's own processes use there (0.13-0.16 core on the 2-core box) stalls the step.
 
 On a GPU (`--device cuda`): both runs train on the GPU (`scaling.use_gpu`, so the Ray worker holds the GPU and
 its process group uses nccl; bf16 autocast as `precision: auto` gives on a GPU), Ray starts with
@@ -53,6 +55,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
+from _cpu_share import CpuSampler  # noqa: E402
 
 from pipelines.shapes import synth  # noqa: E402
 from pipelines.shapes.shards import pack_split  # noqa: E402
@@ -140,7 +143,8 @@ def train_once(label: str, shards: Path, tmp: Path, steps: int, log_every: int, 
     cfg = make_config(shards, run_dir, steps, log_every, workers, cpus)
     print(f"--- {label}: workers={workers} cpus_per_worker={cpus} steps={steps}", flush=True)
     called = time.time()
-    result = run_training(cfg, str(run_dir / "out"), functools.partial(recording_build, str(markers)))
+    with CpuSampler(every_s=1.0) as sampler:
+        result = run_training(cfg, str(run_dir / "out"), functools.partial(recording_build, str(markers)))
     returned = time.time()
     assert result["steps"] == steps, result
     stamps = loss_timestamps(cfg.tracking.uri, result["mlflow_run_id"])
@@ -170,7 +174,20 @@ def train_once(label: str, shards: Path, tmp: Path, steps: int, log_every: int, 
                      "step_1_to_step_N": round(stamps[steps] - stamps[1], 2),
                      "step_N_to_return": round(returned - stamps[steps], 2)},
         "end_to_end_s": round(returned - called, 2),
+        "cpu_in_window": cpu_in_window(sampler.shares(stamps[s0], stamps[steps]), {n["pid"] for n in notes}),
     }
+
+
+def cpu_in_window(shares: dict[int, tuple[float, str]], training: set[int]) -> dict:
+    """Cores used in the timed window by the training process(es) and by every other process (the busiest by name):
+    on a 2-core box the step's OpenMP threads run on both cores in lockstep, so any other process's CPU stalls it."""
+    others: dict[str, float] = {}
+    for pid, (cores, name) in shares.items():
+        if pid not in training:
+            others[name] = others.get(name, 0.0) + cores
+    return {"training_cores": round(sum(shares[p][0] for p in training if p in shares), 3),
+            "other_processes_cores": round(sum(others.values()), 3),
+            "busiest_others": {k: round(v, 3) for k, v in sorted(others.items(), key=lambda kv: -kv[1])[:8]}}
 
 
 def main() -> None:
@@ -269,6 +286,12 @@ def main() -> None:
             "end_to_end_ratio": round(statistics.mean(r["end_to_end_s"] for r in ones) / plain_e2e, 3),
             "end_to_end_note": "whole `run` wall time, Ray 1 worker / plain (start-up and teardown included; "
                                "ray.init itself is not)",
+            "cpu_in_window_mean": {label: {key: round(statistics.mean(r["cpu_in_window"][key] for r in runs), 3)
+                                           for key in ("training_cores", "other_processes_cores")}
+                                   for label, runs in (("plain", plain), ("ray_1_worker", ones))},
+            "cpu_in_window_note": "cores used between step log_every and the last step (from /proc, sampled every "
+                                  "second): by the training process(es) and by every other process on the machine "
+                                  "(Ray's own processes in a Ray run); each run's busiest others in its `runs` entry",
             "ray_init_s_median": round(ray_init_s, 2), "ray_shutdown_s_median": round(ray_shutdown_s, 2),
             "op_microseconds": {"plain_process": ops_plain, "ray_task": ops_ray,
                                 "ray_over_plain": {k: round(ops_ray[k] / ops_plain[k], 3) for k in ops_plain},

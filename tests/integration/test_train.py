@@ -57,6 +57,62 @@ def test_a_checkpoint_from_another_config_is_refused(shards, tmp_path):
                                                      "optim.lr": 5e-4}), str(output))
 
 
+def nan_at(calls: set[int] | None = None, from_call: int | None = None):
+    """Stage 1's build, with the loss made NaN at the given forward calls (1-based; or at every call from
+    `from_call` on): a loss that overflowed, as the loop sees it."""
+    import dataclasses
+
+    from pipelines.train_stage1 import build_stage1
+
+    seen = {"calls": 0}
+
+    def build(cfg, device):
+        parts = build_stage1(cfg, device)
+
+        def losses(output):
+            seen["calls"] += 1
+            terms = parts.losses(output)
+            if seen["calls"] in (calls or ()) or (from_call is not None and seen["calls"] >= from_call):
+                terms = {**terms, "loss": terms["loss"] * float("nan")}
+            return terms
+
+        return dataclasses.replace(parts, losses=losses)
+
+    return build
+
+
+def finite_weights(checkpoint: str) -> bool:
+    from safetensors.torch import load_file
+
+    return all(bool(t.isfinite().all()) for t in load_file(f"{checkpoint}/model.safetensors").values())
+
+
+def test_a_non_finite_loss_skips_the_step_and_is_counted(shards, tmp_path):
+    from pipelines.train.runner import run
+
+    output = tmp_path / "nan-once"
+    result = run(config(shards, tmp_path, **{"scaling.workers": 0, "optim.total_steps": 8}), str(output),
+                 nan_at(calls={3}))
+    assert result["steps"] == 8  # the skipped batch is not a step: 8 updates all the same
+    assert [s for s, _ in history(tmp_path, output, "loss")] == list(range(1, 9))
+    assert history(tmp_path, output, "train/nonfinite_steps") == [(3, 1.0)]  # while step 3 was being trained
+    assert finite_weights(result["checkpoint"])
+
+
+def test_consecutive_non_finite_losses_stop_with_the_last_good_checkpoint_intact(shards, tmp_path):
+    from pipelines.train.loop import NonFiniteLoss
+    from pipelines.train.runner import run
+
+    output = tmp_path / "nan-always"
+    cfg = config(shards, tmp_path, **{"scaling.workers": 0, "optim.total_steps": 12, "checkpoint.every": 4,
+                                      "max_nonfinite": 3})
+    with pytest.raises(NonFiniteLoss, match=r"3 consecutive non-finite losses after step 6.*checkpoint is step 4"):
+        run(cfg, str(output), nan_at(from_call=7))
+    step, checkpoint = latest_checkpoint(str(output))
+    assert step == 4 and finite_weights(checkpoint)
+    assert not (output / "_SUCCESS.json").exists()  # not recorded as finished: the next run resumes from step 4
+
+
 def test_stage2_of_a_retrained_stage1_is_neither_reused_nor_resumed(shards, tmp_path):
     """The stage-1 checkpoint is named by path: trained again under the same path, the stage-2 run made from the
     old one is stale. The plain job refuses it before training; the pipeline's (replace_stale) sets it aside."""
