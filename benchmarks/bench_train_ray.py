@@ -178,9 +178,12 @@ def train_once(label: str, shards: Path, tmp: Path, steps: int, log_every: int, 
     }
 
 
-def cpu_in_window(shares: dict[int, tuple[float, str]], training: set[int]) -> dict:
+def cpu_in_window(shares: dict[int, tuple[float, str]], training: set[int]) -> dict | None:
     """Cores used in the timed window by the training process(es) and by every other process (the busiest by name):
-    on a 2-core box the step's OpenMP threads run on both cores in lockstep, so any other process's CPU stalls it."""
+    on a 2-core box the step's OpenMP threads run on both cores in lockstep, so any other process's CPU stalls it.
+    None when the window held fewer than two samples (a --quick run) or there is no /proc."""
+    if not shares:
+        return None
     others: dict[str, float] = {}
     for pid, (cores, name) in shares.items():
         if pid not in training:
@@ -286,9 +289,10 @@ def main() -> None:
             "end_to_end_ratio": round(statistics.mean(r["end_to_end_s"] for r in ones) / plain_e2e, 3),
             "end_to_end_note": "whole `run` wall time, Ray 1 worker / plain (start-up and teardown included; "
                                "ray.init itself is not)",
-            "cpu_in_window_mean": {label: {key: round(statistics.mean(r["cpu_in_window"][key] for r in runs), 3)
-                                           for key in ("training_cores", "other_processes_cores")}
-                                   for label, runs in (("plain", plain), ("ray_1_worker", ones))},
+            "cpu_in_window_mean": {label: {key: round(statistics.mean(r["cpu_in_window"][key] for r in sampled), 3)
+                                           for key in ("training_cores", "other_processes_cores")} if sampled else None
+                                   for label, sampled in (("plain", [r for r in plain if r["cpu_in_window"]]),
+                                                          ("ray_1_worker", [r for r in ones if r["cpu_in_window"]]))},
             "cpu_in_window_note": "cores used between step log_every and the last step (from /proc, sampled every "
                                   "second): by the training process(es) and by every other process on the machine "
                                   "(Ray's own processes in a Ray run); each run's busiest others in its `runs` entry",
