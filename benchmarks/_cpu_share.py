@@ -6,24 +6,27 @@ import os
 import threading
 import time
 
-TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds() -> dict[int, tuple[float, str]]:
     """pid -> (CPU seconds so far, a short name) for every process this user can read."""
+    if not os.path.isdir("/proc"):
+        return {}
     out = {}
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()) if os.path.isdir("/proc") else ():
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 stat = f.read()
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                program = f.read().split(b"\0")[0].decode(errors="replace")
         except OSError:  # gone meanwhile
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        name = cmd.split(" ")[0] if cmd.startswith("ray::") else os.path.basename(cmd.split(" ")[0]) or stat.split(
-            "(", 1)[1].split(")")[0]
-        out[int(pid)] = ((int(fields[11]) + int(fields[12])) / TICKS, name[:60])
+        command, fields = stat.split("(", 1)[1].rsplit(")", 1)
+        utime, stime = fields.split()[11:13]
+        # a Ray process by its role ("ray::RayTrainWorker"), others by program, kernel threads by command
+        name = program.split(" ")[0] if program.startswith("ray::") else os.path.basename(program) or command
+        out[int(pid)] = ((int(utime) + int(stime)) / TICKS, name[:60])
     return out
 
 

@@ -193,6 +193,14 @@ def cpu_in_window(shares: dict[int, tuple[float, str]], training: set[int]) -> d
             "busiest_others": {k: round(v, 3) for k, v in sorted(others.items(), key=lambda kv: -kv[1])[:8]}}
 
 
+def mean_cpu_in_window(runs: list[dict]) -> dict | None:
+    sampled = [r["cpu_in_window"] for r in runs if r["cpu_in_window"]]
+    if not sampled:
+        return None
+    return {key: round(statistics.mean(c[key] for c in sampled), 3)
+            for key in ("training_cores", "other_processes_cores")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=200)
@@ -289,10 +297,7 @@ def main() -> None:
             "end_to_end_ratio": round(statistics.mean(r["end_to_end_s"] for r in ones) / plain_e2e, 3),
             "end_to_end_note": "whole `run` wall time, Ray 1 worker / plain (start-up and teardown included; "
                                "ray.init itself is not)",
-            "cpu_in_window_mean": {label: {key: round(statistics.mean(r["cpu_in_window"][key] for r in sampled), 3)
-                                           for key in ("training_cores", "other_processes_cores")} if sampled else None
-                                   for label, sampled in (("plain", [r for r in plain if r["cpu_in_window"]]),
-                                                          ("ray_1_worker", [r for r in ones if r["cpu_in_window"]]))},
+            "cpu_in_window_mean": {"plain": mean_cpu_in_window(plain), "ray_1_worker": mean_cpu_in_window(ones)},
             "cpu_in_window_note": "cores used between step log_every and the last step (from /proc, sampled every "
                                   "second): by the training process(es) and by every other process on the machine "
                                   "(Ray's own processes in a Ray run); each run's busiest others in its `runs` entry",
