@@ -136,7 +136,9 @@ class OptConfig(LanguageModelConfig):
                        "with some object's attribute (colour and shape questions ~60% right, one of the caption's "
                        "objects at random); at 9600 (~220 s) it binds the question's colour to its shape (shape "
                        "100%) and stage 2 through it names 50% of the test objects instead of 32%, VQA 47% instead "
-                       "of 41%, CIDEr 2.13 instead of 1.62 (session 21), but the demo then takes 21 minutes")
+                       "of 41%, CIDEr 2.13 instead of 1.62 (session 21), but the demo then takes 21 minutes; and "
+                       "that was one draw: retrained on one thread (only float rounding differs) the 9600-step OPT "
+                       "did not bind (shape 64%, session 24)")
     batch: int = Field(32, ge=1)
     context_share: float = Field(1.0, ge=0, le=1, description=LanguageModelConfig.model_fields["context_share"]
                                  .description)
