@@ -118,9 +118,11 @@ def load_clip_vision(blip_vision: torch.nn.Module, clip_dir: Path) -> None:
 
 
 def training_caption(scene: Scene, rng: np.random.Generator, cfg: CaptionerConfig) -> str:
-    """A fresh true caption of `scene` in one of the captioner's styles, stating sizes / positions at its shares."""
+    """A fresh true caption of `scene` in one of the captioner's styles, stating sizes / positions at its shares,
+    naming the objects in the captioner's `order`."""
     style = cfg.styles[int(rng.integers(len(cfg.styles)))]
-    return compose(scene, rng, style, bool(rng.random() < cfg.size_share), bool(rng.random() < cfg.position_share))
+    return compose(scene, rng, style, bool(rng.random() < cfg.size_share), bool(rng.random() < cfg.position_share),
+                   ordered=cfg.order == "reading")
 
 
 def caption_batch(tokenizer, captions: Sequence[str], bos_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
@@ -163,14 +165,23 @@ def upper_tokens(model: BlipForConditionalGeneration, hidden: torch.Tensor, firs
     return model.vision_model.post_layernorm(hidden)
 
 
+def scene_odds(scenes: Sequence[Scene], power: float) -> np.ndarray | None:
+    """Each scene's probability of being drawn: proportional to its object count ** `power` (None at 0: uniform)."""
+    if power == 0:
+        return None
+    weights = np.array([len(scene.objects) for scene in scenes], dtype=np.float64) ** power
+    return weights / weights.sum()
+
+
 def train_captioner(model: BlipForConditionalGeneration, processor: BlipProcessor, images: Sequence[Image.Image],
                     scenes_of: Sequence[Scene], cfg: CaptionerConfig, seed: int, progress: bool) -> list[float]:
     """BLIP's captioning LM loss on (image, true caption) pairs, a fresh caption of the scene (in the captioner's
-    styles) at every draw.
+    styles) at every draw, scenes with more objects drawn more often (`cfg.object_count_power`).
     The ViT's blocks above `cfg.vit_frozen_blocks` run on every batch and learn at `cfg.vit_lr`; the patch
     embedding and the blocks below stay as they are (all of them at `vit_lr` 0), their outputs computed once for
     both views of every image, so that a step runs only the rest."""
     rng = np.random.default_rng([seed, 2])
+    odds = scene_odds(scenes_of, cfg.object_count_power)
     bos = model.config.text_config.bos_token_id
     pixels = preprocess(processor, images)  # (N, 3, H, W)
     vision = fuse_vision_attention(model).vision_model
@@ -198,7 +209,7 @@ def train_captioner(model: BlipForConditionalGeneration, processor: BlipProcesso
     model.text_decoder.train()
 
     def loss_at(step: int) -> torch.Tensor:
-        index, flips, scenes = draw_batch(rng, scenes_of, cfg.batch)
+        index, flips, scenes = draw_batch(rng, scenes_of, cfg.batch, odds)
         captions = [training_caption(scene, rng, cfg) for scene in scenes]
         batch = caption_batch(processor.tokenizer, captions, bos, cfg.max_length)
         return model.text_decoder(encoder_hidden_states=image_tokens(index, flips), reduction="mean", **batch).loss

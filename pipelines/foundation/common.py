@@ -98,10 +98,11 @@ def training_views(train: Sequence[Sample], views: int, image_size: int, seed: i
     return TrainingImages(images, scenes)
 
 
-def draw_batch(rng: np.random.Generator, scenes: Sequence[Scene], batch: int
+def draw_batch(rng: np.random.Generator, scenes: Sequence[Scene], batch: int, odds: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray, list[Scene]]:
-    """A random batch: image indices, which images to mirror, and the scenes as seen (left/right swapped)."""
-    index = rng.choice(len(scenes), size=min(batch, len(scenes)), replace=False)
+    """A random batch: image indices, which images to mirror, and the scenes as seen (left/right swapped).
+    `odds`: each image's probability of being drawn (None: all alike)."""
+    index = rng.choice(len(scenes), size=min(batch, len(scenes)), replace=False, p=odds)
     flips = rng.random(len(index)) < 0.5
     return index, flips, [scenes[i].flipped() if flip else scenes[i] for i, flip in zip(index, flips)]
 

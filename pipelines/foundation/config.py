@@ -75,6 +75,18 @@ class CaptionerConfig(_Section):
                     "deviations below those that did not, correct ones 0.1 above wrong ones), so candidates in mixed "
                     "styles are ranked by style. CapFilt kept-correct on the demo's web split (one run each, 3000 "
                     "steps): all six styles 53%, four without positions or relations 64%, 'plain' with sizes 71%")
+    order: Literal["reading", "shuffled"] = Field(
+        "reading", description="the order its training captions name the objects in: 'reading' (top to bottom, then "
+        "left to right), as a captioner that writes in one manner describes a scene, or 'shuffled' (random). In "
+        "reading order a caption is a function of the scene (up to synonyms), so the ten nucleus samples differ in "
+        "what they say, not in the order they say it: the demo's captioner (2400 steps, same CLIP) wrote held-out "
+        "samples 84% correct against 77%, CapFilt kept-correct 88.8-89.0% against 82.4-82.9% (CapFilt seeds 0-2)")
+    object_count_power: float = Field(
+        1.0, ge=0, description="its batches draw a training image with probability proportional to its scene's "
+        "object count to this power (0: all alike), so that it practises the crowded scenes it gets wrong most. At 1 "
+        "(against 0; reading order, 2400 steps, same CLIP): held-out samples 86.7% correct against 84.0%, CapFilt "
+        "kept-correct 89.9 / 89.9 / 90.2% against 88.8 / 89.0 / 89.0% (CapFilt seeds 0-2), the kept captions of "
+        "three-object scenes 82.4% correct against 79.9%; at 2: 88.2 / 88.2 / 88.4% (one training run each)")
     size_share: float = Field(1.0, ge=0, le=1, description="share of its training captions that state every size")
     position_share: float = Field(0.0, ge=0, le=1, description="share that state every position (styles 'there_is' "
                                   "and 'relation' always place the objects)")

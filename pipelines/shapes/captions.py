@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pipelines.shapes.scene import COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, above, left_of
+from pipelines.shapes.scene import COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, above, left_of, x_order, y_order
 
 SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "large": ("large", "big")}
 
@@ -78,32 +78,40 @@ def _phrases(objects: Sequence[Obj], rng, sizes: bool, positions: bool, article:
     return join_and([with_article(p) for p in parts] if article else parts)
 
 
-def _shuffled(scene: Scene, rng: np.random.Generator) -> list[Obj]:
+def reading_order(objects: Sequence[Obj]) -> list[Obj]:
+    """The objects top to bottom, then left to right (their positions' nominal coordinates)."""
+    return sorted(objects, key=lambda o: (y_order(o.position), x_order(o.position)))
+
+
+def _arranged(scene: Scene, rng: np.random.Generator, ordered: bool) -> list[Obj]:
+    """The scene's objects in reading order, or shuffled."""
+    if ordered:
+        return reading_order(scene.objects)
     return [scene.objects[i] for i in rng.permutation(len(scene.objects))]
 
 
-def _style_plain(scene: Scene, rng, sizes: bool, positions: bool) -> str:
-    return _phrases(_shuffled(scene, rng), rng, sizes, positions)
+def _style_plain(scene: Scene, rng, sizes: bool, positions: bool, ordered: bool) -> str:
+    return _phrases(_arranged(scene, rng, ordered), rng, sizes, positions)
 
 
-def _style_list(scene: Scene, rng, sizes: bool, positions: bool) -> str:
-    return _phrases(_shuffled(scene, rng), rng, sizes, positions, article=False)
+def _style_list(scene: Scene, rng, sizes: bool, positions: bool, ordered: bool) -> str:
+    return _phrases(_arranged(scene, rng, ordered), rng, sizes, positions, article=False)
 
 
-def _style_photo(scene: Scene, rng, sizes: bool, positions: bool) -> str:
+def _style_photo(scene: Scene, rng, sizes: bool, positions: bool, ordered: bool) -> str:
     prefix = _pick(rng, ("a photo of", "an image of", "a picture of", "a picture showing", "a drawing of"))
-    return f"{prefix} {_phrases(_shuffled(scene, rng), rng, sizes, positions)}"
+    return f"{prefix} {_phrases(_arranged(scene, rng, ordered), rng, sizes, positions)}"
 
 
-def _style_there_is(scene: Scene, rng, sizes: bool, positions: bool) -> str:
+def _style_there_is(scene: Scene, rng, sizes: bool, positions: bool, ordered: bool) -> str:
     opener = _pick(rng, ("there is", "we can see", "this image shows", "the picture contains"))
-    return f"{opener} {_phrases(_shuffled(scene, rng), rng, sizes, True)}"
+    return f"{opener} {_phrases(_arranged(scene, rng, ordered), rng, sizes, True)}"
 
 
-def _style_count(scene: Scene, rng, sizes: bool, positions: bool) -> str:
+def _style_count(scene: Scene, rng, sizes: bool, positions: bool, ordered: bool) -> str:
     n = len(scene.objects)
     noun = _pick(rng, ("shape", "object")) + ("s" if n > 1 else "")
-    return f"{NUMBER_WORDS[n]} {noun}: {_phrases(_shuffled(scene, rng), rng, sizes, positions)}"
+    return f"{NUMBER_WORDS[n]} {noun}: {_phrases(_arranged(scene, rng, ordered), rng, sizes, positions)}"
 
 
 def _true_relations(a: Obj, b: Obj) -> list[str]:
@@ -120,11 +128,11 @@ def _true_relations(a: Obj, b: Obj) -> list[str]:
     return found
 
 
-def _style_relation(scene: Scene, rng, sizes: bool, positions: bool) -> str:
+def _style_relation(scene: Scene, rng, sizes: bool, positions: bool, ordered: bool) -> str:
     """'a large red circle to the left of a small blue square. there is also a green star'."""
     if len(scene.objects) < 2:
-        return _style_plain(scene, rng, sizes, True)
-    a, b, *rest = _shuffled(scene, rng)
+        return _style_plain(scene, rng, sizes, True, ordered)
+    a, b, *rest = _arranged(scene, rng, ordered)
     relation = _pick(rng, _true_relations(a, b))
     text = f"{with_article(describe(a, sizes, False, rng))} {relation} {with_article(describe(b, sizes, False, rng))}"
     if rest:
@@ -138,11 +146,13 @@ _STYLE_FUNCS: dict[str, Callable[..., str]] = {
 }
 
 
-def compose(scene: Scene, rng: np.random.Generator, style: str, sizes: bool, positions: bool) -> str:
-    """The caption of `scene` in `style`, stating sizes / positions as asked (some styles force them)."""
+def compose(scene: Scene, rng: np.random.Generator, style: str, sizes: bool, positions: bool,
+            ordered: bool = False) -> str:
+    """The caption of `scene` in `style`, stating sizes / positions as asked (some styles force them), naming the
+    objects in reading order (`ordered`) or in a random one."""
     if style not in _STYLE_FUNCS:
         raise ValueError(f"caption style {style!r}: expected one of {STYLES}")
-    return _STYLE_FUNCS[style](scene, rng, sizes, positions)
+    return _STYLE_FUNCS[style](scene, rng, sizes, positions, ordered)
 
 
 def caption_for(scene: Scene, rng: np.random.Generator, style: str | None = None) -> str:

@@ -18,11 +18,11 @@ from blip2.stage2 import Blip2Stage2, opt_lm_batch, t5_prefix_lm_batch
 from blip2.vision import build_image_encoder
 from pipelines import foundation
 from pipelines.config import ConfigError
-from pipelines.foundation.captioner import load_clip_vision, training_caption
+from pipelines.foundation.captioner import load_clip_vision, scene_odds, training_caption
 from pipelines.foundation.clip import object_regions
 from pipelines.data.shards import expand_shards
-from pipelines.foundation.common import load_curated, training_views
-from pipelines.shapes.captions import STYLES
+from pipelines.foundation.common import draw_batch, load_curated, training_views
+from pipelines.shapes.captions import STYLES, reading_order
 from pipelines.shapes.checker import check_caption, parse_caption
 from pipelines.shapes.scene import Obj, Scene, sample_scene
 from pipelines.shapes.shards import pack_split
@@ -326,6 +326,15 @@ def test_captioner_learns_its_own_styles_only():
         mentions = parse_caption(caption).mentions
         assert check_caption(caption, scene).correct and caption.startswith(("a ", "an "))
         assert len(mentions) == len(scene.objects) and all(m.sizes and not m.positions for m in mentions)
+    def named(caption: str) -> list[tuple[str, str]]:
+        return [("".join(m.colors), m.shape) for m in parse_caption(caption).mentions]
+
+    def in_reading_order(scene: Scene) -> list[tuple[str, str]]:
+        return [(o.color, o.shape) for o in reading_order(scene.objects)]
+
+    assert all(named(training_caption(scene, rng, cfg)) == in_reading_order(scene) for scene in scenes)  # default
+    shuffled = foundation.CaptionerConfig(order="shuffled")
+    assert sum(named(training_caption(scene, rng, shuffled)) != in_reading_order(scene) for scene in scenes) > 5
     mixed = foundation.CaptionerConfig(styles=["there_is", "count"], size_share=0.0)
     captions = [training_caption(scene, rng, mixed) for scene in scenes]
     assert all(c.startswith(("there is", "we can see", "this image shows", "the picture contains", "one ", "two ",
@@ -335,6 +344,23 @@ def test_captioner_learns_its_own_styles_only():
         foundation.CaptionerConfig(styles=[])
     with pytest.raises(ValueError):
         foundation.CaptionerConfig(styles=["haiku"])
+
+
+def test_captioner_draws_crowded_scenes_more_often():
+    scenes = [sample_scene(np.random.default_rng(i)) for i in range(300)]
+    counts = np.array([len(scene.objects) for scene in scenes])
+    assert scene_odds(scenes, 0.0) is None
+    odds = scene_odds(scenes, 1.0)
+    assert odds.sum() == pytest.approx(1.0) and odds[counts == 3][0] == pytest.approx(3 * odds[counts == 1][0])
+    rng, drawn = np.random.default_rng(0), []
+    for _ in range(200):
+        index, flips, seen = draw_batch(rng, scenes, 16, odds)
+        assert len(set(index.tolist())) == 16 and [len(s.objects) for s in seen] == counts[index].tolist()
+        drawn += counts[index].tolist()
+    share = {n: np.mean(np.array(drawn) == n) for n in (1, 2, 3)}
+    expected = {n: (counts == n).sum() * n / counts.sum() for n in (1, 2, 3)}
+    assert all(abs(share[n] - expected[n]) < 0.03 for n in (1, 2, 3)), (share, expected)
+    assert share[3] > 2 * share[1]
 
 
 def test_config_is_validated():

@@ -10,12 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from pipelines.shapes.captions import NOISE_KINDS, SPAM, STYLES, caption_for, compose, describe, noisy_caption
+from pipelines.shapes.captions import (NOISE_KINDS, SPAM, STYLES, caption_for, compose, describe, noisy_caption,
+                                       reading_order)
 from pipelines.shapes.checker import FactCounts, check_caption, count_facts, parse_caption, swap_left_right
 from pipelines.shapes.questions import questions_for
 from pipelines.shapes.render import RADIUS, jittered_centres, render
 from pipelines.shapes.scene import (COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, above, left_of,
-                                    sample_scene)
+                                    sample_scene, x_order, y_order)
 from pipelines.shapes.synth import SynthConfig, main, make_row, noise_kind, run
 
 SEEDS = range(300)
@@ -137,6 +138,25 @@ def test_checker_accepts_every_clean_caption_in_every_style():
         for caption in captions:
             verdict = check_caption(caption, scene)
             assert verdict.correct, (caption, scene.to_json(), verdict.reasons)
+
+
+def test_ordered_captions_name_the_objects_in_reading_order():
+    """ordered=True: every style names the objects top to bottom, then left to right, whatever the rng draws."""
+    seen_three = False
+    for rng, scene in _scenes(len(SEEDS)):
+        expected = [f"{o.color} {o.shape}" for o in reading_order(scene.objects)]
+        assert [(y_order(o.position), x_order(o.position)) for o in reading_order(scene.objects)] == sorted(
+            (y_order(o.position), x_order(o.position)) for o in scene.objects)
+        for style in STYLES:
+            caption = compose(scene, rng, style, bool(rng.random() < 0.5), bool(rng.random() < 0.5), ordered=True)
+            named = [f"{''.join(m.colors)} {m.shape}" for m in parse_caption(caption).mentions if m.shape]
+            assert named == expected, (style, caption, scene.to_json())
+            assert check_caption(caption, scene).correct, (caption, scene.to_json())
+        seen_three |= len(scene.objects) == 3
+    assert seen_three
+    flipped = Scene((Obj("circle", "red", "small", "left"), Obj("star", "blue", "small", "right")))
+    assert compose(flipped, None, "plain", False, False, ordered=True) == "a red circle and a blue star"
+    assert compose(flipped.flipped(), None, "plain", False, False, ordered=True) == "a blue star and a red circle"
 
 
 @pytest.mark.parametrize("kind", NOISE_KINDS)
