@@ -2,7 +2,7 @@
 when the web split is 40% noisy.
 
 The demo trains its stand-in CLIP and captioner inside its 20-minute budget (CLIP at 64 px, 1600 region + 300
-contrastive steps; captioner 2400 steps): CapFilt keeps ~83% correct. This script trains larger ones on the same
+contrastive steps; captioner 2400 steps): CapFilt keeps ~89% correct. This script trains larger ones on the same
 curated split with the same code -- the CLIP at the downloaded 96 px (12 x 12 patches), 3200 region + 600
 contrastive steps with 6 hard negatives; the captioner `--captioner-steps` on that CLIP -- then runs CapFilt with the
 demo's own settings (`capfilt/capfilt_config.yaml`: k=10, top_p 0.9, `captioner_weight` 0.5) on the demo's web
