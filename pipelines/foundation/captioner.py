@@ -176,7 +176,7 @@ def scene_odds(scenes: Sequence[Scene], power: float) -> np.ndarray | None:
 def train_captioner(model: BlipForConditionalGeneration, processor: BlipProcessor, images: Sequence[Image.Image],
                     scenes_of: Sequence[Scene], cfg: CaptionerConfig, seed: int, progress: bool) -> list[float]:
     """BLIP's captioning LM loss on (image, true caption) pairs, a fresh caption of the scene (in the captioner's
-    styles) at every draw, scenes with more objects drawn more often (`cfg.object_count_power`).
+    styles) at every draw, images drawn at the odds `cfg.object_count_power` sets (by default all alike).
     The ViT's blocks above `cfg.vit_frozen_blocks` run on every batch and learn at `cfg.vit_lr`; the patch
     embedding and the blocks below stay as they are (all of them at `vit_lr` 0), their outputs computed once for
     both views of every image, so that a step runs only the rest."""

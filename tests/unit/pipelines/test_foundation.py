@@ -326,6 +326,7 @@ def test_captioner_learns_its_own_styles_only():
         mentions = parse_caption(caption).mentions
         assert check_caption(caption, scene).correct and caption.startswith(("a ", "an "))
         assert len(mentions) == len(scene.objects) and all(m.sizes and not m.positions for m in mentions)
+
     def named(caption: str) -> list[tuple[str, str]]:
         return [("".join(m.colors), m.shape) for m in parse_caption(caption).mentions]
 
