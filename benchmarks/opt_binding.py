@@ -1,0 +1,158 @@
+"""Does the stand-in OPT learn to *bind* (look up an object in the text before and read its other attribute)?
+
+Issue 7's open lead: stage 2 names the test objects only when its frozen OPT can look up, after "red" in a caption,
+the shape the caption before gave the red object. This script trains the OPT as the foundation step does (its
+tokenizer, `build_lm`, AdamW + warmup-cosine, gradient clip 1; texts "caption . caption" and "caption . Question: ..
+Answer: a") with one thing changed at a time, probes the held-out curated scenes every `--probe-every` steps
+(`benchmarks/probe_llm_reading.py`'s random-caption answers, by question type) and prints at the end the caption
+binding figure (`probe_llm_reading.caption_binding`: with 2-3 objects, 1.0 when it binds, ~0.4-0.5 when not).
+
+    .venv/bin/python benchmarks/opt_binding.py --run-root runs/demo --seeds 0 1 [--batch 64] [--save DIR]
+
+Variants: `--batch/--steps/--lr/--heads/--layers/--hidden/--ffn`, `--questions N` (N questions per text, joined by
+the end-of-text token), `--copy-share` (a share of the texts is a random word sequence repeated after " .", the
+pure copy task that forms induction heads), `--copy-steps` (the first steps only that), `--answer-only-loss` (no
+loss on the question texts' context). Each line of output is JSON; the last one per seed has `final`, `by_type`,
+`caption_binding`, `curve` (probe every `--probe-every` steps) and `seconds` (training only).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipelines.foundation import language  # noqa: E402
+from pipelines.foundation.common import GRAD_CLIP, IGNORE  # noqa: E402
+from pipelines.foundation.config import VQA_TEMPLATES, OptConfig  # noqa: E402
+from pipelines.shapes.captions import caption_for  # noqa: E402
+from probe_llm_reading import caption_binding, curated_split  # noqa: E402
+
+PROMPT = VQA_TEMPLATES["opt"]
+
+
+def texts(args, samples, words: list[str], rng: np.random.Generator, count: int, step: int) -> list[tuple[str, str]]:
+    """`count` (source, target) pairs in the foundation OPT's format, or the copy task's."""
+    pairs = []
+    for _ in range(count):
+        if step < args.copy_steps or rng.random() < args.copy_share:
+            picked = " ".join(words[int(i)] for i in rng.integers(len(words), size=int(rng.integers(3, 11))))
+            pairs.append((picked + " .", picked))
+            continue
+        sample = samples[int(rng.integers(len(samples)))]
+        context = caption_for(sample.scene, rng) + " . "
+        if sample.questions and rng.random() < args.qa_share:
+            chosen = [sample.questions[int(i)] for i in rng.permutation(len(sample.questions))[:args.questions]]
+            asked = [PROMPT.format(q["question"]) + " " + q["answer"] for q in chosen[:-1]]
+            asked.append(PROMPT.format(chosen[-1]["question"]))
+            pairs.append((context + " \n ".join(asked), chosen[-1]["answer"]))
+        else:
+            pairs.append((context.strip(), caption_for(sample.scene, rng)))
+    return pairs
+
+
+@torch.no_grad()
+def probe(model, tokenizer, questions) -> tuple[float, dict[str, float]]:
+    """Top-1 first answer token after "caption . Question: .. Answer:", overall and by question type."""
+    model.eval()
+    hits = collections.defaultdict(list)
+    for start in range(0, len(questions), 128):
+        chunk = questions[start:start + 128]
+        batch = language.lm_batch(tokenizer, "opt", [(source, answer) for source, answer, _ in chunk])
+        logits = model(**batch).logits
+        first = torch.tensor([len(tokenizer(source)["input_ids"]) for source, _, _ in chunk])
+        rows = torch.arange(len(chunk))
+        right = (logits[rows, first - 1].argmax(-1) == batch["input_ids"][rows, first]).tolist()
+        for (_, _, qtype), hit in zip(chunk, right):
+            hits[qtype].append(hit)
+    model.train()
+    every = [hit for values in hits.values() for hit in values]
+    return round(float(np.mean(every)), 3), {t: round(float(np.mean(v)), 2) for t, v in hits.items()}
+
+
+def train_one(args, seed: int, train, held) -> dict:
+    torch.manual_seed(seed)
+    corpus = [c for s in train for c in s.captions] + [f"{q['question']} {q['answer']}" for s in train
+                                                       for q in s.questions]
+    tokenizer = language.lm_tokenizer("opt", corpus + [PROMPT])
+    cfg = OptConfig(hidden_size=args.hidden, layers=args.layers, heads=args.heads, ffn_dim=args.ffn,
+                    steps=args.steps, batch=args.batch, lr=args.lr)
+    model = language.build_lm("opt", cfg, len(tokenizer))
+    words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and w.islower())
+    rng = np.random.default_rng([seed, 3])
+    probe_rng = np.random.default_rng(0)
+    questions = [(caption_for(s.scene, probe_rng) + " . " + PROMPT.format(q["question"]), q["answer"], q["type"])
+                 for s in held for q in s.questions]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    warmup = max(1, args.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
+                                                 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) /
+                                                                           max(1, args.steps - warmup))))
+    model.train()
+    curve, seconds = [], 0.0
+    for step in range(args.steps):
+        started = time.perf_counter()
+        pairs = texts(args, train, words, rng, args.batch, step)
+        batch = language.lm_batch(tokenizer, "opt", pairs)
+        if args.answer_only_loss:
+            for row, (source, _) in enumerate(pairs):
+                if source.endswith("Answer:"):
+                    batch["labels"][row, :len(tokenizer(source)["input_ids"])] = IGNORE
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        schedule.step()
+        seconds += time.perf_counter() - started
+        if (step + 1) % args.probe_every == 0:
+            accuracy, by_type = probe(model, tokenizer, questions)
+            curve.append(accuracy)
+            print(json.dumps({"seed": seed, "step": step + 1, "loss": round(loss.item(), 3), "probe": accuracy,
+                              "by_type": by_type}), flush=True)
+    model.eval()
+    accuracy, by_type = probe(model, tokenizer, questions)
+    result = {"seed": seed, "final": accuracy, "by_type": by_type,
+              "caption_binding": caption_binding(model, tokenizer, held, 0), "curve": curve,
+              "seconds": round(seconds, 1)}
+    if args.save:
+        out = Path(args.save) / f"seed-{seed}"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        result["saved"] = str(out)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run-root", default="runs/demo", help="a demo run root (raw/curated)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=OptConfig().steps)
+    parser.add_argument("--batch", type=int, default=OptConfig().batch)
+    parser.add_argument("--lr", type=float, default=OptConfig().lr)
+    parser.add_argument("--heads", type=int, default=OptConfig().heads)
+    parser.add_argument("--layers", type=int, default=OptConfig().layers)
+    parser.add_argument("--hidden", type=int, default=OptConfig().hidden_size)
+    parser.add_argument("--ffn", type=int, default=OptConfig().ffn_dim)
+    parser.add_argument("--qa-share", type=float, default=0.6, help="share of texts with a question (the OPT's 0.6)")
+    parser.add_argument("--questions", type=int, default=1, help="questions per question text")
+    parser.add_argument("--copy-share", type=float, default=0.0)
+    parser.add_argument("--copy-steps", type=int, default=0)
+    parser.add_argument("--answer-only-loss", action="store_true")
+    parser.add_argument("--probe-every", type=int, default=200)
+    parser.add_argument("--save", default=None, help="save each trained OPT (+ tokenizer) under DIR/seed-N")
+    args = parser.parse_args()
+    train, held = curated_split(Path(args.run_root))
+    for seed in args.seeds:
+        print(json.dumps(train_one(args, seed, train, held)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
