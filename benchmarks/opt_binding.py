@@ -12,7 +12,7 @@ binding figure (`probe_llm_reading.caption_binding`: with 2-3 objects, 1.0 when 
 Variants: `--batch/--steps/--lr/--heads/--layers/--hidden/--ffn`, `--questions N` (N questions per text, joined by
 the end-of-text token), `--copy-share` (a share of the texts is a random word sequence repeated after " .", the
 pure copy task that forms induction heads), `--copy-steps` (the first steps only that), `--answer-only-loss` (no
-loss on the question texts' context). Each line of output is JSON; the last one per seed has `final`, `by_type`,
+loss before the answer in question texts). Each line of output is JSON; the last one per seed has `final`, `by_type`,
 `caption_binding`, `curve` (probe every `--probe-every` steps) and `seconds` (training only).
 """
 from __future__ import annotations
