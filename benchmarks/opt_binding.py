@@ -2,7 +2,7 @@
 
 Issue 7's open lead: stage 2 names the test objects only when its frozen OPT can look up, after "red" in a caption,
 the shape the caption before gave the red object. This script trains the OPT as the foundation step does (its
-tokenizer, `build_lm`, AdamW + warmup-cosine, gradient clip 1; texts "caption . caption" and "caption . Question: ..
+tokenizer, `build_lm` and `train_loop`; texts "caption . caption" and "caption . Question: ..
 Answer: a") with one thing changed at a time, probes the held-out curated scenes every `--probe-every` steps
 (`benchmarks/probe_llm_reading.py`'s random-caption answers, by question type) and prints at the end the caption
 binding figure (`probe_llm_reading.caption_binding`: with 2-3 objects, 1.0 when it binds, ~0.4-0.5 when not).
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines.foundation import language  # noqa: E402
-from pipelines.foundation.common import GRAD_CLIP, IGNORE  # noqa: E402
+from pipelines.foundation.common import IGNORE, train_loop  # noqa: E402
 from pipelines.foundation.config import VQA_TEMPLATES, OptConfig  # noqa: E402
 from pipelines.shapes.captions import caption_for  # noqa: E402
 from probe_llm_reading import caption_binding, curated_split  # noqa: E402
@@ -90,15 +89,20 @@ def train_one(args, seed: int, train, held) -> dict:
     probe_rng = np.random.default_rng(0)
     questions = [(caption_for(s.scene, probe_rng) + " . " + PROMPT.format(q["question"]), q["answer"], q["type"])
                  for s in held for q in s.questions]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    warmup = max(1, args.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
-                                                 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) /
-                                                                           max(1, args.steps - warmup))))
-    model.train()
-    curve, seconds = [], 0.0
-    for step in range(args.steps):
+    curve, probe_seconds = [], 0.0
+
+    def record(done: int, loss: float) -> None:
+        nonlocal probe_seconds
         started = time.perf_counter()
+        accuracy, by_type = probe(model, tokenizer, questions)
+        curve.append(accuracy)
+        print(json.dumps({"seed": seed, "step": done, "loss": round(loss, 3), "probe": accuracy,
+                          "by_type": by_type}), flush=True)
+        probe_seconds += time.perf_counter() - started
+
+    def loss_at(step: int) -> torch.Tensor:
+        if step and step % args.probe_every == 0:  # `step` optimizer steps done
+            record(step, losses_seen[-1])
         pairs = texts(args, train, words, rng, args.batch, step)
         batch = language.lm_batch(tokenizer, "opt", pairs)
         if args.answer_only_loss:
@@ -106,17 +110,16 @@ def train_one(args, seed: int, train, held) -> dict:
                 if source.endswith("Answer:"):
                     batch["labels"][row, :len(tokenizer(source)["input_ids"])] = IGNORE
         loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        schedule.step()
-        seconds += time.perf_counter() - started
-        if (step + 1) % args.probe_every == 0:
-            accuracy, by_type = probe(model, tokenizer, questions)
-            curve.append(accuracy)
-            print(json.dumps({"seed": seed, "step": step + 1, "loss": round(loss.item(), 3), "probe": accuracy,
-                              "by_type": by_type}), flush=True)
+        losses_seen.append(loss.item())
+        return loss
+
+    losses_seen: list[float] = []
+    model.train()
+    started = time.perf_counter()
+    train_loop(list(model.parameters()), loss_at, args.steps, args.lr, "opt", progress=False)
+    if args.steps % args.probe_every == 0:
+        record(args.steps, losses_seen[-1])
+    seconds = time.perf_counter() - started - probe_seconds
     model.eval()
     accuracy, by_type = probe(model, tokenizer, questions)
     result = {"seed": seed, "final": accuracy, "by_type": by_type,
