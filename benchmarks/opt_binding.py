@@ -12,7 +12,8 @@ binding figure (`probe_llm_reading.caption_binding`: with 2-3 objects, 1.0 when 
 Variants: `--batch/--steps/--lr/--heads/--layers/--hidden/--ffn`, `--questions N` (N questions per text, joined by
 the end-of-text token), `--copy-share` (a share of the texts is a random word sequence repeated after " .", the
 pure copy task that forms induction heads), `--copy-steps` (the first steps only that), `--answer-only-loss` (no
-loss before the answer in question texts). Each line of output is JSON; the last one per seed has `final`, `by_type`,
+loss before the answer in question texts), `--answerable` (position questions follow a caption that states positions;
+the probe then also reports `positioned_position`), `--sinusoidal-positions` (position embeddings start as sinusoids). Each line of output is JSON; the last one per seed has `final`, `by_type`,
 `caption_binding`, `curve` (probe every `--probe-every` steps) and `seconds` (training only).
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines.foundation import language  # noqa: E402
 from pipelines.foundation.common import IGNORE, train_loop  # noqa: E402
 from pipelines.foundation.config import VQA_TEMPLATES, OptConfig  # noqa: E402
-from pipelines.shapes.captions import caption_for  # noqa: E402
+from pipelines.shapes.captions import STYLES, caption_for, compose  # noqa: E402
 from probe_llm_reading import caption_binding, curated_split  # noqa: E402
 
 PROMPT = VQA_TEMPLATES["opt"]
@@ -49,6 +50,8 @@ def texts(args, samples, words: list[str], rng: np.random.Generator, count: int,
         context = caption_for(sample.scene, rng) + " . "
         if sample.questions and rng.random() < args.qa_share:
             chosen = [sample.questions[int(i)] for i in rng.permutation(len(sample.questions))[:args.questions]]
+            if args.answerable and any(q["type"] == "position" for q in chosen):
+                context = positioned_caption(sample.scene, rng) + " . "
             asked = [PROMPT.format(q["question"]) + " " + q["answer"] for q in chosen[:-1]]
             asked.append(PROMPT.format(chosen[-1]["question"]))
             pairs.append((context + " \n ".join(asked), chosen[-1]["answer"]))
@@ -76,6 +79,25 @@ def probe(model, tokenizer, questions) -> tuple[float, dict[str, float]]:
     return round(float(np.mean(every)), 3), {t: round(float(np.mean(v)), 2) for t, v in hits.items()}
 
 
+def positioned_caption(scene, rng: np.random.Generator) -> str:
+    """A true caption of `scene` in a random style that states every object's position."""
+    styles = [s for s in STYLES if s != "relation" or len(scene.objects) > 1]
+    return compose(scene, rng, styles[int(rng.integers(len(styles)))], bool(rng.random() < 0.5), True)
+
+
+@torch.no_grad()
+def sinusoidal_positions(model) -> None:
+    """Start OPT's learned position embeddings as a sinusoid table (std that of the token embeddings): a shift by
+    one position is then a fixed rotation, which a previous-token head can learn at once."""
+    table = model.model.decoder.embed_positions.weight  # (max positions + 2 offset, hidden)
+    width = table.shape[1]
+    positions = torch.arange(table.shape[0] - 2, dtype=torch.float32)[:, None]
+    freqs = torch.exp(-np.log(10000.0) * torch.arange(0, width, 2, dtype=torch.float32) / width)
+    scale = float(model.model.decoder.embed_tokens.weight.std()) * 2 ** 0.5
+    table[2:, 0::2] = torch.sin(positions * freqs) * scale
+    table[2:, 1::2] = torch.cos(positions * freqs) * scale
+
+
 def train_one(args, seed: int, train, held) -> dict:
     torch.manual_seed(seed)
     corpus = [c for s in train for c in s.captions] + [f"{q['question']} {q['answer']}" for s in train
@@ -84,11 +106,15 @@ def train_one(args, seed: int, train, held) -> dict:
     cfg = OptConfig(hidden_size=args.hidden, layers=args.layers, heads=args.heads, ffn_dim=args.ffn,
                     steps=args.steps, batch=args.batch, lr=args.lr)
     model = language.build_lm("opt", cfg, len(tokenizer))
+    if args.sinusoidal_positions:
+        sinusoidal_positions(model)
     words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and w.islower())
     rng = np.random.default_rng([seed, 3])
     probe_rng = np.random.default_rng(0)
     questions = [(caption_for(s.scene, probe_rng) + " . " + PROMPT.format(q["question"]), q["answer"], q["type"])
                  for s in held for q in s.questions]
+    questions += [(positioned_caption(s.scene, probe_rng) + " . " + PROMPT.format(q["question"]), q["answer"],
+                   "positioned_" + q["type"]) for s in held for q in s.questions if q["type"] == "position"]
     curve, probe_seconds = [], 0.0
 
     def record(done: int, loss: float) -> None:
@@ -149,6 +175,9 @@ def main() -> None:
     parser.add_argument("--copy-share", type=float, default=0.0)
     parser.add_argument("--copy-steps", type=int, default=0)
     parser.add_argument("--answer-only-loss", action="store_true")
+    parser.add_argument("--answerable", action="store_true", help="position questions follow a caption stating "
+                        "positions")
+    parser.add_argument("--sinusoidal-positions", action="store_true", help="position embeddings start as sinusoids")
     parser.add_argument("--probe-every", type=int, default=200)
     parser.add_argument("--save", default=None, help="save each trained OPT (+ tokenizer) under DIR/seed-N")
     args = parser.parse_args()

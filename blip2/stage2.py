@@ -135,11 +135,12 @@ class Blip2Stage2(nn.Module):
     def generate_ids(self, image: torch.Tensor, prompt_ids: torch.Tensor | None = None,
                      prompt_mask: torch.Tensor | None = None, num_beams: int = 5, max_new_tokens: int = 30,
                      min_new_tokens: int = 8, do_sample: bool = False, top_p: float = 0.9, temperature: float = 1.0,
-                     length_penalty: float = 1.0, num_return_sequences: int = 1,
+                     length_penalty: float = 1.0, num_return_sequences: int = 1, no_repeat_ngram_size: int = 0,
                      tokenizer: PreTrainedTokenizerBase | None = None) -> torch.Tensor:
         """Generated token ids only (no prompt, no decoder start), rows image-major.  (B*R, T)
 
-        min_new_tokens is capped at max_new_tokens (so `caption(..., max_new_tokens=5)` just works).
+        min_new_tokens is capped at max_new_tokens (so `caption(..., max_new_tokens=5)` just works);
+        `no_repeat_ngram_size` n > 0 forbids any generated n-gram a second time (transformers' option).
         `tokenizer` (default: the model's) gives the pad, end-of-sequence and default prompt tokens."""
         tokenizer = tokenizer or self._require_tokenizer()
         min_new_tokens = min(min_new_tokens, max_new_tokens)
@@ -152,6 +153,7 @@ class Blip2Stage2(nn.Module):
         embeds, mask = pack(embeds, mask, left=self.kind == "opt")
         options = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                        do_sample=do_sample, length_penalty=length_penalty, num_return_sequences=num_return_sequences,
+                       no_repeat_ngram_size=no_repeat_ngram_size,
                        eos_token_id=end_token_ids(tokenizer, self.kind), pad_token_id=tokenizer.pad_token_id)
         if do_sample:
             options.update(top_p=top_p, temperature=temperature)

@@ -58,6 +58,7 @@ class EvalConfig(StepConfig):
     num_beams: int = Field(5, ge=1)
     max_new_tokens: int = Field(30, ge=1)
     min_new_tokens: int = Field(8, ge=0)
+    no_repeat_ngram_size: int = Field(0, ge=0, description="n > 0: no n-gram twice in a caption (0: off, as SPEC)")
     spice: bool = Field(False, description="also SPICE (needs Java and the Stanford CoreNLP models)")
     # VQA (SPEC: beam 5, max 10 new tokens; the prompt and length penalty follow the LLM)
     vqa_max_new_tokens: int = Field(10, ge=1)
@@ -263,7 +264,8 @@ def evaluate_caption(cfg: EvalConfig, output: str) -> dict[str, Any]:
     with torch.inference_mode():
         for start, images in image_batches(samples, model.cfg.vision.image_size, cfg.batch_size, device, "caption"):
             texts = model.caption(images, prompt=cfg.prompt, num_beams=cfg.num_beams,
-                                  max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)
+                                  max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+                                  no_repeat_ngram_size=cfg.no_repeat_ngram_size)
             predictions.update({samples[start + i].key: t for i, t in enumerate(texts)})
     scores = caption_scores({s.key: s.captions for s in samples}, predictions, spice=cfg.spice)
     metrics: dict[str, Any] = {"cider": scores["cider"], "spice": scores["spice"]}
@@ -276,7 +278,7 @@ def evaluate_caption(cfg: EvalConfig, output: str) -> dict[str, Any]:
             "skipped": dict(skipped.counts), "metrics": metrics, "tokenizer": scores["tokenizer"],
             "spice_note": scores.get("spice_note"), "examples": examples,
             "settings": {"prompt": cfg.prompt, "num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens,
-                         "min_new_tokens": cfg.min_new_tokens}}
+                         "min_new_tokens": cfg.min_new_tokens, "no_repeat_ngram_size": cfg.no_repeat_ngram_size}}
 
 
 def evaluate_vqa(cfg: EvalConfig, output: str) -> dict[str, Any]:

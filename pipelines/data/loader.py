@@ -15,9 +15,9 @@ reader; a loader built with that state skips what each reader had read and conti
 Samples that sat in a shuffle buffer at checkpoint time are dropped for that epoch, never repeated.
 
 Memory cache (`cache_mb` > 0, for datasets that fit, such as the demo's): a reader keeps each shard it read
-whole, its samples decoded on first use (and resized already when the image transform is deterministic), and
-reads it from memory in later epochs: the batches are the same as without it, and a skipped sample is counted
-once rather than once per epoch.
+whole, its samples decoded on first use (and resized and normalised already when the image transform is
+deterministic), and reads it from memory in later epochs: the batches are the same as without it, and a skipped
+sample is counted once rather than once per epoch.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from torchvision.transforms import InterpolationMode
 from pipelines.config import ConfigError, StepConfig
 from pipelines.data.shards import (SkipCounter, decode_sample, expand_shards, iter_raw_samples,
                                    kept_captions)
-from pipelines.data.transforms import EvalTransform, TrainTransform, clean_caption
+from pipelines.data.transforms import EvalTransform, TrainTransform, clean_caption, to_normalized_tensor
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,9 @@ def _sample_bytes(sample: dict | None) -> int:
     if sample is None:
         return 0
     width, height = sample["image"].size
-    return width * height * len(sample["image"].getbands()) + len(json.dumps(sample["meta"])) + len(sample["text"])
+    pixels = sample["pixels"].nbytes if "pixels" in sample else 0
+    return (width * height * len(sample["image"].getbands()) + pixels + len(json.dumps(sample["meta"]))
+            + len(sample["text"]))
 
 
 class SourceStream:
@@ -214,11 +216,13 @@ class MixedStream(IterableDataset):
 
     def _decode(self, raw: dict, skipped: SkipCounter) -> dict | None:
         """The decoded sample; with the deterministic transform its image is resized already (as the transform
-        would: resizing to the same size again is a copy), so a cached sample is stored at the model's size."""
+        would: resizing to the same size again is a copy), so a cached sample is stored at the model's size, with
+        its normalised tensor ("pixels"): a cached sample is then not converted again at every use."""
         sample = decode_sample(raw, skipped)
         if sample is not None and not self.cfg.train_transform:
             sample["image"] = TF.resize(sample["image"], [self.cfg.image_size] * 2,
                                         interpolation=InterpolationMode.BICUBIC)
+            sample["pixels"] = to_normalized_tensor(sample["image"])  # the eval transform's output, made once
         return sample
 
     def _reader_id(self) -> int:
@@ -261,7 +265,10 @@ class MixedStream(IterableDataset):
 def _prepare(sample: dict, source: str, transform, rng: random.Random, max_words: int) -> dict:
     kept = kept_captions(sample["meta"])
     caption = rng.choice(kept) if kept else sample["text"]  # CapFilt: one of the kept two per draw
-    image, caption = transform(sample["image"], clean_caption(caption, max_words), rng)
+    if "pixels" in sample:  # the deterministic transform's output, from `_decode`
+        image, caption = sample["pixels"], clean_caption(caption, max_words)
+    else:
+        image, caption = transform(sample["image"], clean_caption(caption, max_words), rng)
     image_id = sample["meta"].get("url") or sample["meta"].get("key") or f"{sample['url']}#{sample['key']}"
     return {"image": image, "text": caption, "source": source, "key": sample["key"], "image_id": str(image_id)}
 

@@ -216,6 +216,17 @@ def test_min_and_max_new_tokens(fixture, request):
     assert capped.shape[1] <= 2
 
 
+def test_no_repeat_ngram_size_forbids_a_second_bigram(trained_opt):
+    model, _, image, _ = trained_opt
+
+    def repeats(out) -> int:  # rows with a token bigram twice
+        return sum(len(pairs) != len(set(pairs)) for pairs in (list(zip(row, row[1:])) for row in out.tolist()))
+
+    options = dict(num_beams=3, min_new_tokens=14, max_new_tokens=14)  # forced past the memorised captions' end
+    assert repeats(model.generate_ids(image, **options)) > 0
+    assert repeats(model.generate_ids(image, no_repeat_ngram_size=2, **options)) == 0
+
+
 # ------------------------------------------------------------------------------------- generation
 @pytest.mark.parametrize("kind", ["opt", "t5"])
 def test_batched_greedy_equals_one_by_one(kind):

@@ -202,6 +202,21 @@ def test_memory_cache_gives_the_same_batches_and_reads_each_shard_once(tmp_path,
     assert cached.report()["skipped"]["a"] == {"corrupt_image": 1}  # once
 
 
+def test_deterministic_batches_are_the_eval_transform_of_each_image(tmp_path):
+    src = varied_source(tmp_path)
+    cfg = config([{"name": "a", "shards": str(src)}], shuffle_buffer=4, cache_mb=1.0)
+    images = {}
+    for member in sorted(src.glob("*.tar")):
+        with tarfile.open(member) as tar:
+            for info in tar.getmembers():
+                if info.name.endswith(".jpg") and not info.name.startswith("a12"):
+                    images[info.name[:-4]] = Image.open(io.BytesIO(tar.extractfile(info).read())).convert("RGB")
+    transform = EvalTransform(cfg.image_size)
+    for batch in draw_batches(iter(TrainLoader(cfg)), 8):  # 32 draws: later epochs from memory
+        for image, text, key in zip(*batch):
+            assert torch.equal(image, transform(images[key], text)[0]), key
+
+
 def test_memory_cache_keeps_no_shard_beyond_its_budget(tmp_path):
     src = varied_source(tmp_path)
     cfg = config([{"name": "a", "shards": str(src)}], cache_mb=1e-4)  # ~100 bytes: less than one shard
