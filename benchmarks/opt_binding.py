@@ -13,7 +13,10 @@ Variants: `--batch/--steps/--lr/--heads/--layers/--hidden/--ffn`, `--questions N
 the end-of-text token), `--copy-share` (a share of the texts is a random word sequence repeated after " .", the
 pure copy task that forms induction heads), `--copy-steps` (the first steps only that), `--answer-only-loss` (no
 loss before the answer in question texts), `--answerable` (position questions follow a caption that states positions;
-the probe then also reports `positioned_position`), `--sinusoidal-positions` (position embeddings start as sinusoids). Each line of output is JSON; the last one per seed has `final`, `by_type`,
+the probe then also reports `positioned_position`), `--sinusoidal-positions` (position embeddings start as sinusoids),
+`--recall-share` (a share of the texts is associative recall: random word pairs, then the same pairs reordered, so
+that each second word is found only by looking up the first, as a colour's shape in a caption), `--dropout P` (the
+OPT's residual dropout, 0.1 in transformers' OPTConfig). Each line of output is JSON; the last one per seed has `final`, `by_type`,
 `caption_binding`, `curve` (probe every `--probe-every` steps) and `seconds` (training only).
 """
 from __future__ import annotations
@@ -45,6 +48,12 @@ def texts(args, samples, words: list[str], rng: np.random.Generator, count: int,
         if step < args.copy_steps or rng.random() < args.copy_share:
             picked = " ".join(words[int(i)] for i in rng.integers(len(words), size=int(rng.integers(3, 11))))
             pairs.append((picked + " .", picked))
+            continue
+        if rng.random() < args.recall_share:  # associative recall: the key-value pairs again, in another order
+            chosen = rng.choice(len(words), size=2 * int(rng.integers(2, 7)), replace=False).reshape(-1, 2)
+            first = " ".join(f"{words[k]} {words[v]}" for k, v in chosen)
+            again = " ".join(f"{words[k]} {words[v]}" for k, v in chosen[rng.permutation(len(chosen))])
+            pairs.append((first + " .", again))
             continue
         sample = samples[int(rng.integers(len(samples)))]
         context = caption_for(sample.scene, rng) + " . "
@@ -108,6 +117,11 @@ def train_one(args, seed: int, train, held) -> dict:
     model = language.build_lm("opt", cfg, len(tokenizer))
     if args.sinusoidal_positions:
         sinusoidal_positions(model)
+    if args.dropout is not None:  # the residual-stream dropout of every layer (OPT's config.dropout)
+        model.config.dropout = args.dropout
+        for module in model.modules():
+            if isinstance(getattr(module, "dropout", None), float) and module is not model:
+                module.dropout = args.dropout if "Attention" not in type(module).__name__ else module.dropout
     words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and w.islower())
     rng = np.random.default_rng([seed, 3])
     probe_rng = np.random.default_rng(0)
@@ -174,6 +188,9 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=1, help="questions per question text")
     parser.add_argument("--copy-share", type=float, default=0.0)
     parser.add_argument("--copy-steps", type=int, default=0)
+    parser.add_argument("--dropout", type=float, default=None, help="OPT's residual dropout (default: its config's)")
+    parser.add_argument("--recall-share", type=float, default=0.0, help="share of texts that are an associative recall "
+                        "task: random word pairs, then the same pairs in another order")
     parser.add_argument("--answer-only-loss", action="store_true")
     parser.add_argument("--answerable", action="store_true", help="position questions follow a caption stating "
                         "positions")
