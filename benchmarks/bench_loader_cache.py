@@ -3,7 +3,8 @@
 Both loaders read the same shapes-world shards (128 px JPEGs, resized to the demo's 64 px, no crops) for
 `--epochs` epochs, one process (0 workers), one torch thread: the baseline reads and decodes every shard
 again each epoch (`cache_mb=0`), the candidate keeps the shards it read whole in memory and decodes each
-sample once, its normalised tensor made once too, the transform being deterministic (`cache_mb=512`). The two must yield the same keys and images; the ratio is images/s,
+sample once, kept as a uint8 tensor that `_collate` normalises a batch at a time, the transform being deterministic
+(`cache_mb=512`). The two must yield the same keys and images; the ratio is images/s,
 candidate over baseline, over all epochs (the first, read from disk, included).
 
     .venv/bin/python benchmarks/bench_loader_cache.py [--images 1000] [--epochs 5]
@@ -59,7 +60,7 @@ def main() -> None:
     write_result(
         "loader_cache", baseline={"what": "TrainLoader, cache_mb=0 (every epoch reads and decodes the shards)",
                                   "images_per_s": round(baseline, 1)},
-        candidate={"what": "TrainLoader, cache_mb=512 (shards read, samples decoded and normalised once)",
+        candidate={"what": "TrainLoader, cache_mb=512 (shards read, samples decoded once; batches normalised at once)",
                    "images_per_s": round(cached, 1), "same_batches": True},
         ratio=cached / baseline, units="images/s ratio, candidate / baseline (1 core each)",
         goal="ratio > 1 with the same batches",

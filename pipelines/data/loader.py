@@ -15,9 +15,9 @@ reader; a loader built with that state skips what each reader had read and conti
 Samples that sat in a shuffle buffer at checkpoint time are dropped for that epoch, never repeated.
 
 Memory cache (`cache_mb` > 0, for datasets that fit, such as the demo's): a reader keeps each shard it read
-whole, its samples decoded on first use (and resized and normalised already when the image transform is
-deterministic), and reads it from memory in later epochs: the batches are the same as without it, and a skipped
-sample is counted once rather than once per epoch.
+whole, its samples decoded on first use (resized already and held as a uint8 tensor when the image transform is
+deterministic: a batch is then normalised at once), and reads it from memory in later epochs: the batches are the
+same as without it, and a skipped sample is counted once rather than once per epoch.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from torchvision.transforms import InterpolationMode
 from pipelines.config import ConfigError, StepConfig
 from pipelines.data.shards import (SkipCounter, decode_sample, expand_shards, iter_raw_samples,
                                    kept_captions)
-from pipelines.data.transforms import EvalTransform, TrainTransform, clean_caption, to_normalized_tensor
+from pipelines.data.transforms import EvalTransform, TrainTransform, clean_caption, normalize_bytes
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _sample_bytes(sample: dict | None) -> int:
     if sample is None:
         return 0
     width, height = sample["image"].size
-    pixels = sample["pixels"].nbytes if "pixels" in sample else 0
+    pixels = sample["pixels"].nbytes if "pixels" in sample else 0  # as many as the image's
     return (width * height * len(sample["image"].getbands()) + pixels + len(json.dumps(sample["meta"]))
             + len(sample["text"]))
 
@@ -217,12 +217,13 @@ class MixedStream(IterableDataset):
     def _decode(self, raw: dict, skipped: SkipCounter) -> dict | None:
         """The decoded sample; with the deterministic transform its image is resized already (as the transform
         would: resizing to the same size again is a copy), so a cached sample is stored at the model's size, with
-        its normalised tensor ("pixels"): a cached sample is then not converted again at every use."""
+        its uint8 tensor ("pixels", normalised per batch by `_collate`): a cached sample is then not converted again
+        at every use."""
         sample = decode_sample(raw, skipped)
         if sample is not None and not self.cfg.train_transform:
             sample["image"] = TF.resize(sample["image"], [self.cfg.image_size] * 2,
                                         interpolation=InterpolationMode.BICUBIC)
-            sample["pixels"] = to_normalized_tensor(sample["image"])  # the eval transform's output, made once
+            sample["pixels"] = TF.pil_to_tensor(sample["image"])  # (3, H, W) uint8: the PIL image's bytes
         return sample
 
     def _reader_id(self) -> int:
@@ -265,7 +266,7 @@ class MixedStream(IterableDataset):
 def _prepare(sample: dict, source: str, transform, rng: random.Random, max_words: int) -> dict:
     kept = kept_captions(sample["meta"])
     caption = rng.choice(kept) if kept else sample["text"]  # CapFilt: one of the kept two per draw
-    if "pixels" in sample:  # the deterministic transform's output, from `_decode`
+    if "pixels" in sample:  # the deterministic transform's input as a tensor, from `_decode` (normalised by `_collate`)
         image, caption = sample["pixels"], clean_caption(caption, max_words)
     else:
         image, caption = transform(sample["image"], clean_caption(caption, max_words), rng)
@@ -274,8 +275,9 @@ def _prepare(sample: dict, source: str, transform, rng: random.Random, max_words
 
 
 def _collate(batch: list[dict], g: int, position: dict, skipped: dict) -> dict[str, Any]:
+    images = torch.stack([b["image"] for b in batch])  # (B, 3, H, W)
     return {
-        "image": torch.stack([b["image"] for b in batch]),  # (B, 3, H, W)
+        "image": normalize_bytes(images) if images.dtype == torch.uint8 else images,
         "text": [b["text"] for b in batch],
         "source": [b["source"] for b in batch],
         "key": [b["key"] for b in batch],

@@ -23,6 +23,12 @@ def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
     return TF.normalize(tensor, CLIP_MEAN, CLIP_STD)
 
 
+def normalize_bytes(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 images (..., 3, H, W), as `TF.pil_to_tensor` gives them -> what `to_normalized_tensor` gives, bit for bit
+    (the same float operations, done for a whole batch at once)."""
+    return TF.normalize(pixels.float().div(255), CLIP_MEAN, CLIP_STD)
+
+
 def random_resized_crop_box(width: int, height: int, rng: random.Random,
                             scale: tuple[float, float] = (0.5, 1.0),
                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
