@@ -10,14 +10,14 @@ binding figure (`probe_llm_reading.caption_binding`: with 2-3 objects, 1.0 when 
     .venv/bin/python benchmarks/opt_binding.py --run-root runs/demo --seeds 0 1 [--batch 64] [--save DIR]
 
 Variants: `--batch/--steps/--lr/--heads/--layers/--hidden/--ffn`, `--questions N` (N questions per text, joined by
-the end-of-text token), `--copy-share` (a share of the texts is a random word sequence repeated after " .", the
-pure copy task that forms induction heads), `--copy-steps` (the first steps only that), `--answer-only-loss` (no
-loss before the answer in question texts), `--answerable` (position questions follow a caption that states positions;
-the probe then also reports `positioned_position`), `--sinusoidal-positions` (position embeddings start as sinusoids),
+the end-of-text token), `--copy-share` (a share of the texts is a random word sequence repeated after " .", the pure
+copy task that forms induction heads), `--copy-steps` (the first steps only that), `--answer-only-loss` (no loss
+before the answer in question texts), `--answerable` (position questions follow a caption that states positions; the
+probe then also reports `positioned_position`), `--sinusoidal-positions` (position embeddings start as sinusoids),
 `--recall-share` (a share of the texts is associative recall: random word pairs, then the same pairs reordered, so
 that each second word is found only by looking up the first, as a colour's shape in a caption), `--dropout P` (the
-OPT's residual dropout, 0.1 in transformers' OPTConfig). Each line of output is JSON; the last one per seed has `final`, `by_type`,
-`caption_binding`, `curve` (probe every `--probe-every` steps) and `seconds` (training only).
+OPT's residual dropout, 0.1 in transformers' OPTConfig). Each line of output is JSON; the last one per seed has
+`final`, `by_type`, `caption_binding`, `curve` (probe every `--probe-every` steps) and `seconds` (training only).
 """
 from __future__ import annotations
 
