@@ -9,7 +9,7 @@ caption" of one scene (as the OPT trains on), how often its top next token after
 caption is that object's shape (colours named once in the scene only), by the scene's object count: with 2-3 objects,
 an OPT that has not learnt to look up the object in the first caption is near chance (~50 / ~33% plus the prior).
 
-    .venv/bin/python benchmarks/probe_llm_reading.py --run-root runs/demo [--opt-dir OTHER_OPT]
+    .venv/bin/python benchmarks/probe_llm_reading.py --run-root runs/demo [--opt-dir OTHER_OPT | --t5-dir T5_DIR]
 
 Session 13 (AMD box, the fresh-clone demo's run root): none 20% (count 33, colour 18, shape 19, position 18); random
 caption 56% (count 100, colour 62, shape 57, position 28); every object with its size and position 58% (colour 62,
@@ -44,26 +44,36 @@ def context(kind: str, scene, rng: np.random.Generator) -> str:
     return caption + " . "
 
 
-@torch.no_grad()
-def reading(opt_dir: Path, held, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Per context: answer accuracy overall and by question type."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _answer_hit(model, tokenizer, kind: str, source: str, answer: str) -> bool:
+    """Whether the model's top next token after `source` is the answer's first token (OPT: after the prompt's
+    tokens, bos included; T5: the decoder's first step)."""
+    batch = lm_batch(tokenizer, kind, [(source, answer)])
+    logits = model(**batch).logits  # (1, L, V)
+    if kind == "t5":
+        return int(logits[0, 0].argmax()) == int(batch["labels"][0, 0])
+    first = len(tokenizer(source)["input_ids"])
+    return int(logits[0, first - 1].argmax()) == int(batch["input_ids"][0, first])
 
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(opt_dir).eval(), AutoTokenizer.from_pretrained(opt_dir)
+
+@torch.no_grad()
+def reading(model_dir: Path, held, seed: int = 0, kind: str = "opt") -> dict[str, dict[str, float]]:
+    """Per context: answer accuracy overall and by question type (and, for the OPT, `caption_binding`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    loader = AutoModelForCausalLM if kind == "opt" else AutoModelForSeq2SeqLM
+    model, tokenizer = loader.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
     out = {}
-    for kind in CONTEXTS:
+    for context_kind in CONTEXTS:
         rng, hits = np.random.default_rng(seed), collections.defaultdict(list)
         for sample in held:
             for question in sample.questions:
-                source = context(kind, sample.scene, rng) + VQA_TEMPLATES["opt"].format(question["question"])
-                batch = lm_batch(tokenizer, "opt", [(source, question["answer"])])
-                first = len(tokenizer(source)["input_ids"])  # the answer's first token (bos included before)
-                logits = model(**batch).logits  # (1, L, V)
-                hits[question["type"]].append(int(logits[0, first - 1].argmax()) == int(batch["input_ids"][0, first]))
+                source = context(context_kind, sample.scene, rng) + VQA_TEMPLATES[kind].format(question["question"])
+                hits[question["type"]].append(_answer_hit(model, tokenizer, kind, source, question["answer"]))
         every = [hit for values in hits.values() for hit in values]
         by_type = {qtype: round(float(np.mean(values)), 3) for qtype, values in hits.items()}
-        out[kind] = {"all": round(float(np.mean(every)), 3), **by_type}
-    out["caption_binding"] = caption_binding(model, tokenizer, held, seed)
+        out[context_kind] = {"all": round(float(np.mean(every)), 3), **by_type}
+    if kind == "opt":
+        out["caption_binding"] = caption_binding(model, tokenizer, held, seed)
     return out
 
 
@@ -97,10 +107,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run-root", default="runs/demo", help="a demo run root (foundation/opt, raw/curated)")
     parser.add_argument("--opt-dir", default=None, help="probe this OPT dir instead of the run root's foundation/opt")
+    parser.add_argument("--t5-dir", default=None, help="probe this FlanT5-shaped stand-in dir instead of an OPT")
     args = parser.parse_args()
     root = Path(args.run_root)
     _, held = curated_split(root)
-    print(json.dumps(reading(Path(args.opt_dir) if args.opt_dir else root / "foundation" / "opt", held), indent=1))
+    if args.t5_dir:
+        print(json.dumps(reading(Path(args.t5_dir), held, kind="t5"), indent=1))
+    else:
+        print(json.dumps(reading(Path(args.opt_dir) if args.opt_dir else root / "foundation" / "opt", held), indent=1))
 
 
 if __name__ == "__main__":

@@ -132,10 +132,12 @@ def _raw_bytes(raw: dict | None) -> int:
 def _sample_bytes(sample: dict | None) -> int:
     if sample is None:
         return 0
-    width, height = sample["image"].size
-    pixels = sample["pixels"].nbytes if "pixels" in sample else 0  # as many as the image's
-    return (width * height * len(sample["image"].getbands()) + pixels + len(json.dumps(sample["meta"]))
-            + len(sample["text"]))
+    if "pixels" in sample:  # the deterministic transform's uint8 tensor stands in for the PIL image
+        image = sample["pixels"].nbytes
+    else:
+        width, height = sample["image"].size
+        image = width * height * len(sample["image"].getbands())
+    return image + len(json.dumps(sample["meta"])) + len(sample["text"])
 
 
 class SourceStream:
@@ -216,14 +218,13 @@ class MixedStream(IterableDataset):
 
     def _decode(self, raw: dict, skipped: SkipCounter) -> dict | None:
         """The decoded sample; with the deterministic transform its image is resized already (as the transform
-        would: resizing to the same size again is a copy), so a cached sample is stored at the model's size, with
-        its uint8 tensor ("pixels", normalised per batch by `_collate`): a cached sample is then not converted again
-        at every use."""
+        would: resizing to the same size again is a copy) and kept as a uint8 tensor instead of the PIL image
+        ("pixels", normalised per batch by `_collate`): a cached sample is stored at the model's size, in the
+        image's own bytes, and is not converted again at every use."""
         sample = decode_sample(raw, skipped)
         if sample is not None and not self.cfg.train_transform:
-            sample["image"] = TF.resize(sample["image"], [self.cfg.image_size] * 2,
-                                        interpolation=InterpolationMode.BICUBIC)
-            sample["pixels"] = TF.pil_to_tensor(sample["image"])  # (3, H, W) uint8: the PIL image's bytes
+            resized = TF.resize(sample.pop("image"), [self.cfg.image_size] * 2, interpolation=InterpolationMode.BICUBIC)
+            sample["pixels"] = TF.pil_to_tensor(resized)  # (3, H, W) uint8
         return sample
 
     def _reader_id(self) -> int:

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from pipelines.config import ConfigError
-from pipelines.data.loader import LoaderConfig, SourceConfig, TrainLoader
+from pipelines.data.loader import LoaderConfig, MixedStream, SourceConfig, TrainLoader, _sample_bytes
+from pipelines.data.shards import SkipCounter
 from pipelines.data.transforms import (CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform,
                                        clean_caption, swap_left_right)
 
@@ -215,6 +216,19 @@ def test_deterministic_batches_are_the_eval_transform_of_each_image(tmp_path):
     for batch in draw_batches(iter(TrainLoader(cfg)), 8):  # 32 draws: later epochs from memory
         for image, text, key in zip(*batch):
             assert torch.equal(image, transform(images[key], text)[0]), key
+
+
+def test_a_deterministic_sample_is_held_as_its_uint8_pixels_only(tmp_path):
+    src = make_source(tmp_path, "a", 1, 2)
+    stream = MixedStream(config([{"name": "a", "shards": str(src)}], image_size=16, cache_mb=1.0,
+                                train_transform=False))
+    with tarfile.open(next(src.glob("*.tar"))) as tar:
+        raw = {info.name.split(".", 1)[1]: tar.extractfile(info).read() for info in tar.getmembers()
+               if info.name.startswith("a00000.")}
+    raw.update({"__key__": "a00000", "__url__": str(src)})
+    sample = stream._decode(raw, SkipCounter())
+    assert "image" not in sample and sample["pixels"].dtype == torch.uint8 and sample["pixels"].shape == (3, 16, 16)
+    assert _sample_bytes(sample) == 3 * 16 * 16 + len(json.dumps(sample["meta"])) + len(sample["text"])
 
 
 def test_memory_cache_keeps_no_shard_beyond_its_budget(tmp_path):
