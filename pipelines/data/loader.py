@@ -41,7 +41,7 @@ from torchvision.transforms import InterpolationMode
 from pipelines.config import ConfigError, StepConfig
 from pipelines.data.shards import (SkipCounter, decode_sample, expand_shards, iter_raw_samples,
                                    kept_captions)
-from pipelines.data.transforms import EvalTransform, TrainTransform, clean_caption, normalize_bytes
+from pipelines.data.transforms import TrainTransform, clean_caption, normalize_bytes
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +245,7 @@ class MixedStream(IterableDataset):
         draws = start.get("draws", 0)
         drawn = Counter(start.get("drawn", {}))
         sample_rng = random.Random(_seed(self.cfg.seed, "sample", g, draws))
-        transform = (TrainTransform(self.cfg.image_size) if self.cfg.train_transform
-                     else EvalTransform(self.cfg.image_size))
+        transform = TrainTransform(self.cfg.image_size) if self.cfg.train_transform else None  # else: "pixels"
         batch: list[dict] = []
         while True:
             which = int(np.searchsorted(self.cumulative, _uniform(self.cfg.seed, "mix", g, draws), side="right"))

@@ -18,15 +18,14 @@ from pipelines.data.text import clean_caption, swap_left_right  # noqa: F401 (re
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
-    tensor = TF.to_tensor(image)  # (3, H, W) in [0, 1]
-    return TF.normalize(tensor, CLIP_MEAN, CLIP_STD)
-
-
 def normalize_bytes(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 images (..., 3, H, W), as `TF.pil_to_tensor` gives them -> what `to_normalized_tensor` gives, bit for bit
-    (the same float operations, done for a whole batch at once)."""
+    """uint8 images (..., 3, H, W), as `TF.pil_to_tensor` gives them -> CLIP-normalised floats (one image or a whole
+    batch at once: the same float operations, so the same bits)."""
     return TF.normalize(pixels.float().div(255), CLIP_MEAN, CLIP_STD)
+
+
+def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
+    return normalize_bytes(TF.pil_to_tensor(image))  # (3, H, W)
 
 
 def random_resized_crop_box(width: int, height: int, rng: random.Random,
